@@ -1,0 +1,27 @@
+"""HiRes Parallel: high-resolution and multi-device diffusion sampling for ComfyUI.
+
+ComfyUI imports this folder by path under a module name of its own; the same code is also the
+package ``hires_parallel`` (``pip install -e .``), which is how tests and worker processes import it.
+Nothing heavy happens at import time: nodes are registered through ``comfy_entrypoint``.
+"""
+import sys
+
+__version__ = "0.1.0"
+
+# Served by ComfyUI under /extensions/<folder name>/ (JS extension, help pages).
+WEB_DIRECTORY = "./web"
+
+# When ComfyUI loads us under its path-derived name, register the same module as `hires_parallel`
+# too, so code that imports `hires_parallel` (pickled job payloads, workers) finds this pack.
+if __name__ != "hires_parallel" and "hires_parallel" not in sys.modules:
+    sys.modules["hires_parallel"] = sys.modules[__name__]
+
+
+async def comfy_entrypoint():
+    """V3 entry point: ComfyUI calls this to get the extension that lists our nodes."""
+    from .nodes import HiResParallelExtension
+
+    return HiResParallelExtension()
+
+
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint", "__version__"]
