@@ -59,6 +59,7 @@ def ensure_comfy(cpu: bool | None = None) -> str:
         if cpu:
             comfy.cli_args.args.cpu = True
         import comfy.model_management  # noqa: F401  (decides devices now, with our args)
-    import comfy
+    import comfy.model_management
 
-    return os.path.dirname(os.path.dirname(os.path.abspath(comfy.__file__)))
+    # comfy/ is a namespace package (no __init__.py): locate it through one of its modules.
+    return os.path.dirname(os.path.dirname(os.path.abspath(comfy.model_management.__file__)))

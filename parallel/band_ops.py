@@ -1,0 +1,221 @@
+"""Exact row-band versions of the layers that see across band boundaries.
+
+Each function takes this rank's band of an activation (rows along dim -2) and a ``BandGroup``
+and returns this band's part of what the layer computes on the whole image, equal to the
+single-device result up to float rounding. All ranks of the group call them in the same order
+(SPMD). Levels of a UNet are handled from the local tensor's height: the caller passes the
+band tensor as it flows through the model and never tracks the downsampling factor.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .comm import BandGroup
+
+__all__ = ["band_conv2d", "band_group_norm", "band_kv", "band_slice", "conv_halo_rows"]
+
+
+def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        return v, v
+    v = tuple(int(i) for i in v)
+    if len(v) != 2:
+        raise NotImplementedError(f"band_conv2d handles 2-d convolutions; got {name}={v}")
+    return v  # type: ignore[return-value]
+
+
+def _resolve_padding(padding: int | Sequence[int] | str, k_eff: tuple[int, int]) -> tuple[int, int]:
+    if isinstance(padding, str):
+        if padding == "valid":
+            return 0, 0
+        if padding == "same" and k_eff[0] % 2 and k_eff[1] % 2:
+            return (k_eff[0] - 1) // 2, (k_eff[1] - 1) // 2
+        raise NotImplementedError(
+            f"band_conv2d supports padding='valid', padding='same' with odd kernels, or integers; got {padding!r} "
+            f"with effective kernel {k_eff}"
+        )
+    return _pair(padding, "padding")
+
+
+def conv_halo_rows(kernel_h: int, stride_h: int, padding_h: int, dilation_h: int = 1) -> tuple[int, int]:
+    """(rows from the previous band, rows from the next band) that a conv needs.
+
+    Output row o reads input rows ``o*stride - pad .. o*stride - pad + k_eff - 1``; a band
+    whose height is a multiple of the stride therefore needs ``pad`` rows above and
+    ``k_eff - pad - stride`` below (none when negative).
+    """
+    k_eff = dilation_h * (kernel_h - 1) + 1
+    return padding_h, max(0, k_eff - padding_h - stride_h)
+
+
+def band_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int | Sequence[int],
+    padding: int | Sequence[int] | str,
+    dilation: int | Sequence[int],
+    groups: int,
+    band: BandGroup,
+    full_height: int | None = None,
+    *,
+    padding_mode: str = "zeros",
+    kind: str = "halo",
+) -> torch.Tensor:
+    """This band's rows of ``F.conv2d(full_x, weight, bias, stride, padding, dilation, groups)``.
+
+    Band ``[s, e)`` of the input gives output rows ``[s/stride, e/stride)``; the last band
+    runs to the full output height ``floor((H + 2p - k_eff)/stride) + 1``, which follows from
+    its own height because its start is a multiple of the stride. Halo rows come from the
+    neighbours at the same level; zero rows stand in at the image edges. ``full_height``
+    (the whole input's height at this level), when known, is checked against the bands.
+    Arguments mirror ``nn.Conv2d``'s attributes; only zeros padding is supported.
+    """
+    if padding_mode != "zeros":
+        raise NotImplementedError(
+            f"band_conv2d supports padding_mode='zeros' only, got {padding_mode!r} "
+            f"(wrap-around padding, e.g. seamless tiling, is not split across bands); run this model on one device"
+        )
+    if x.dim() != 4 or weight.dim() != 4:
+        raise NotImplementedError(
+            f"band_conv2d handles 4-d (B, C, H, W) inputs and weights; got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+    sh, sw = _pair(stride, "stride")
+    dh, dw = _pair(dilation, "dilation")
+    kh, kw = weight.shape[-2:]
+    k_eff = (dh * (kh - 1) + 1, dw * (kw - 1) + 1)
+    ph, pw = _resolve_padding(padding, k_eff)
+    h = x.shape[-2]
+
+    heights = band.level_heights(h, full_height)
+    if full_height is not None and heights is not None and sum(heights) != full_height:
+        raise ValueError(
+            f"band {band.index} has {h} rows, which does not fit a full height of {full_height} rows "
+            f"for bands {band.bands}"
+        )
+    # Band starts must stay on the stride grid, or output rows would not split at band edges.
+    bad = [j for j, hj in enumerate(heights[:-1]) if hj % sh] if heights is not None else []
+    if (not band.is_last and h % sh) or bad:
+        j = band.index if not bad else bad[0]
+        hj = h if not bad else heights[j]  # type: ignore[index]
+        raise ValueError(
+            f"band {j} has {hj} rows at this level, not a multiple of the conv stride {sh}; "
+            f"split the latent with an alignment that covers every downsampling of the model"
+        )
+
+    if band.size == 1:
+        return F.conv2d(x, weight, bias, (sh, sw), (ph, pw), (dh, dw), groups)
+    top, bottom = conv_halo_rows(kh, sh, ph, dh)
+    xh = band.halo(x, top, bottom, kind=kind)
+    if band.is_last:
+        # The image's own bottom edge: exactly ph zero rows, whatever the neighbours exchanged.
+        xh = xh[..., : top + h, :]
+        if ph:
+            xh = F.pad(xh, (0, 0, 0, ph))
+    y = F.conv2d(xh, weight, bias, (sh, sw), (0, pw), (dh, dw), groups)
+    if not band.is_last:
+        y = y[..., : h // sh, :]
+    return y
+
+
+def band_group_norm(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    band: BandGroup,
+    kind: str = "groupnorm",
+) -> torch.Tensor:
+    """``F.group_norm`` over the whole image, applied to this band.
+
+    Each band computes per-(sample, group) count, sum and sum of squares; these are summed
+    over the group in float64 (one all_reduce) and give the full mean and biased variance.
+    Local statistics come from ``var_mean`` (two-pass, stable) and are turned into sums in
+    float64, so no float64 copy of the activation is made.
+    """
+    if band.size == 1:
+        return F.group_norm(x, num_groups, weight, bias, eps)  # bitwise the unsplit model
+    b, c = x.shape[:2]
+    if c % num_groups:
+        raise ValueError(f"{c} channels do not split into {num_groups} groups")
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    xg = x.reshape(b, num_groups, -1).to(compute)
+    n_local = xg.shape[-1]
+    var, mean = torch.var_mean(xg, dim=-1, correction=0)
+    mean64, var64 = mean.double(), var.double()
+    count = torch.full((1,), float(n_local), dtype=torch.float64, device=x.device)
+    stats = torch.cat([(mean64 * n_local).flatten(), ((var64 + mean64 * mean64) * n_local).flatten(), count])
+    stats = band.all_reduce_sum(stats, kind=kind)
+    k = b * num_groups
+    n = stats[-1]
+    full_mean = stats[:k] / n
+    full_var = (stats[k : 2 * k] / n - full_mean * full_mean).clamp_min(0)
+    rstd = torch.rsqrt(full_var + eps)
+    y = (xg - full_mean.view(b, num_groups, 1).to(compute)) * rstd.view(b, num_groups, 1).to(compute)
+    y = y.reshape(x.shape)
+    shape = [1, c] + [1] * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.to(compute).view(shape)
+    if bias is not None:
+        y = y + bias.to(compute).view(shape)
+    return y.to(x.dtype)
+
+
+def band_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    band: BandGroup,
+    dim: int = 1,
+    sizes: Sequence[int] | None = None,
+    kind: str = "kv",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of all bands, tokens concatenated along ``dim`` in band order.
+
+    Queries of this band attending to the result give exactly this band's rows of full
+    self-attention. k and v travel in one collective (concatenated along the last dim) when
+    their shapes allow; ``sizes`` (every band's token count) saves the size exchange.
+    """
+    if band.size == 1:
+        return k, v
+    dim = dim % k.dim()
+    if k.shape[:-1] == v.shape[:-1] and k.dtype == v.dtype and dim != k.dim() - 1:
+        kv = band.gather_tokens(torch.cat([k, v], dim=-1), dim=dim, kind=kind, sizes=sizes)
+        return kv[..., : k.shape[-1]], kv[..., k.shape[-1] :]
+    if sizes is None:
+        sizes = band.exchange_sizes(k.shape[dim], k.device, kind)
+    return (
+        band.gather_tokens(k, dim=dim, kind=kind, sizes=sizes),
+        band.gather_tokens(v, dim=dim, kind=kind, sizes=sizes),
+    )
+
+
+def band_slice(x_full: torch.Tensor, band: BandGroup, factor: int | None = None) -> torch.Tensor:
+    """This band's rows (dim -2) of a full tensor at any level.
+
+    At a level downsampled by ``factor`` the band holds rows ``[s/f, e/f)``, or ``[s/f, end)``
+    for the last band (the ceil rule of stride-2 convolutions). ``factor`` is found from the
+    tensor's height when not given; a ValueError asks for it when the height is ambiguous.
+    """
+    hx = x_full.shape[-2]
+    s, e = band.rows
+    h0 = band.full_height
+    if factor is None:
+        if hx == h0:
+            factor = 1
+        else:
+            inner = band.heights[:-1]
+            cands = [f for f in range(1, h0 + 1) if -(-h0 // f) == hx and all(r % f == 0 for r in inner)]
+            picks = {(s // f, None if band.is_last else e // f) for f in cands}
+            if len(picks) != 1:
+                raise ValueError(
+                    f"a tensor of {hx} rows does not identify a level of bands {band.bands}; pass factor="
+                )
+            factor = cands[0]
+    f = int(factor)
+    if s % f or (not band.is_last and e % f) or -(-h0 // f) != hx:
+        raise ValueError(f"bands {band.bands} do not split a {hx}-row tensor at downsampling factor {f}")
+    return x_full[..., s // f : (hx if band.is_last else e // f), :]

@@ -1,0 +1,126 @@
+"""Who holds which rows: the row-band split of a latent and the rank layout of a parallel run.
+
+Pure Python (no torch.distributed): the runtime, the nodes and the tests share these rules.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+__all__ = ["LayoutError", "split_rows", "ParallelPlan"]
+
+
+class LayoutError(ValueError):
+    """A split or rank layout that cannot be made; the message says what to change."""
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def split_rows(
+    rows: int,
+    n: int,
+    align: int = 1,
+    weights: Sequence[float] | None = None,
+    *,
+    pixel_scale: int = 8,
+) -> list[tuple[int, int]]:
+    """Split ``rows`` latent rows into ``n`` contiguous bands ``[start, end)``.
+
+    Every start is a multiple of ``align`` (the model's total downsampling), so band
+    boundaries stay integers at every UNet level; only the last band may end off the
+    alignment grid. Sizes follow ``weights`` (default: equal) as closely as the alignment
+    allows: each boundary is the ideal cumulative share rounded to the nearest multiple of
+    ``align``, then pushed apart so every band is non-empty. ``pixel_scale`` (pixels per
+    latent row) is only used to phrase error messages.
+    """
+    if int(rows) != rows or rows < 1:
+        raise LayoutError(f"the latent needs at least 1 row to split, got rows={rows!r}")
+    if int(n) != n or n < 1:
+        raise LayoutError(f"the number of bands must be a positive integer, got n={n!r}")
+    if int(align) != align or align < 1:
+        raise LayoutError(f"the alignment must be a positive integer, got align={align!r}")
+    rows, n, align = int(rows), int(n), int(align)
+    if weights is None:
+        weights = [1.0] * n
+    weights = [float(w) for w in weights]
+    if len(weights) != n:
+        raise LayoutError(f"got {len(weights)} device weights for {_plural(n, 'band')}; give one weight per device")
+    if any(not math.isfinite(w) or w <= 0 for w in weights):
+        raise LayoutError(f"device weights must be finite and positive, got {weights}")
+
+    units = -(-rows // align)  # aligned slots; the last one may be partial
+    if n > units:
+        need = n * align
+        pixels = f" = {need * pixel_scale} pixels" if pixel_scale else ""
+        raise LayoutError(
+            f"{rows} latent rows at alignment {align} give only {_plural(units, 'band')}; "
+            f"use at most {_plural(units, 'device')} or a taller image "
+            f"(at least {need} latent rows{pixels} for {n} devices)"
+        )
+
+    total = sum(weights)
+    bounds = [0] * (n + 1)
+    acc = 0.0
+    for i in range(1, n):
+        acc += weights[i - 1]
+        bounds[i] = math.floor(rows * acc / total / align + 0.5) * align  # half up, not banker's
+    bounds[n] = units * align  # the aligned ceiling; clipped to rows below
+    # Forward then backward pass: every band at least one aligned slot, last band non-empty.
+    for i in range(1, n):
+        bounds[i] = max(bounds[i], bounds[i - 1] + align)
+    for i in range(n - 1, 0, -1):
+        bounds[i] = min(bounds[i], bounds[i + 1] - align)
+    bounds[n] = rows
+    return [(bounds[i], bounds[i + 1]) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """Rank layout: ``batch_groups`` copies of a band split (CFG parallel puts cond and
+    uncond on different groups), ``rank = batch_group * bands_per_group + band_index``."""
+
+    world_size: int
+    cfg_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        if int(self.world_size) != self.world_size or self.world_size < 1:
+            raise LayoutError(f"world_size must be a positive integer, got {self.world_size!r}")
+        if self.cfg_parallel and self.world_size > 1 and self.world_size % 2:
+            raise LayoutError(
+                f"CFG parallel splits the devices into a cond half and an uncond half, "
+                f"but {self.world_size} devices cannot be halved; use an even number of devices "
+                f"or turn CFG parallel off"
+            )
+
+    @property
+    def batch_groups(self) -> int:
+        return 2 if self.cfg_parallel and self.world_size >= 2 else 1
+
+    @property
+    def bands_per_group(self) -> int:
+        return self.world_size // self.batch_groups
+
+    def _check_rank(self, rank: int) -> None:
+        if not 0 <= rank < self.world_size:
+            raise LayoutError(f"rank {rank} is outside 0..{self.world_size - 1}")
+
+    def coords(self, rank: int) -> tuple[int, int]:
+        """(batch_group, band_index) of a global rank."""
+        self._check_rank(rank)
+        return divmod(rank, self.bands_per_group)
+
+    def band_ranks(self, batch_group: int) -> list[int]:
+        """Global ranks holding the bands of one batch group, in band order."""
+        if not 0 <= batch_group < self.batch_groups:
+            raise LayoutError(f"batch group {batch_group} is outside 0..{self.batch_groups - 1}")
+        start = batch_group * self.bands_per_group
+        return list(range(start, start + self.bands_per_group))
+
+    def peer_ranks(self, band_index: int) -> list[int]:
+        """Global ranks holding the same band in each batch group, in batch-group order."""
+        if not 0 <= band_index < self.bands_per_group:
+            raise LayoutError(f"band index {band_index} is outside 0..{self.bands_per_group - 1}")
+        return [g * self.bands_per_group + band_index for g in range(self.batch_groups)]
