@@ -6,12 +6,13 @@ except ImportError as exc:  # imported outside ComfyUI with no checkout on sys.p
 
     raise ComfyUINotFound(HOW_TO) from exc
 
+from .parallel_sampler import PARALLEL_NODES
 from .relay import RELAY_NODES
 
 
 class HiResParallelExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*RELAY_NODES]
+        return [*RELAY_NODES, *PARALLEL_NODES]
 
 
 __all__ = ["HiResParallelExtension"]

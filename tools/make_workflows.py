@@ -24,6 +24,7 @@ OUTPUTS = {
     "SaveImage": [],
     "PreviewImage": [],
     "HiResParallelRelayUpscaleSampler": [("LATENT", "LATENT")],
+    "HiResParallelPatchParallelKSampler": [("LATENT", "LATENT")],
 }
 # Socket (non-widget) inputs of those types: (name, type, optional).
 INPUTS = {
@@ -35,9 +36,11 @@ INPUTS = {
     "PreviewImage": [("images", "IMAGE")],
     "HiResParallelRelayUpscaleSampler": [("model", "MODEL"), ("positive", "CONDITIONING"),
                                          ("negative", "CONDITIONING"), ("latent_image", "LATENT"), ("vae", "VAE")],
+    "HiResParallelPatchParallelKSampler": [("model", "MODEL"), ("positive", "CONDITIONING"),
+                                           ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
 }
 SIZES = {"CheckpointLoaderSimple": (315, 98), "CLIPTextEncode": (400, 160), "KSampler": (315, 262),
-         "HiResParallelRelayUpscaleSampler": (340, 430), "SaveImage": (420, 440), "PreviewImage": (300, 300)}
+         "HiResParallelRelayUpscaleSampler": (340, 430), "HiResParallelPatchParallelKSampler": (340, 400), "SaveImage": (420, 440), "PreviewImage": (300, 300)}
 
 
 def build(nodes: list[dict], links: list[tuple[int, str, int, str]]) -> dict:
@@ -108,6 +111,27 @@ def relay_upscale_2x() -> dict:
     return build(nodes, links)
 
 
+def patch_parallel_ksampler() -> dict:
+    nodes = [
+        {"id": 1, "type": "CheckpointLoaderSimple", "pos": (20, 200), "widgets_values": ["sd_xl_base_1.0.safetensors"]},
+        {"id": 2, "type": "CLIPTextEncode", "pos": (380, 40), "title": "Positive",
+         "widgets_values": ["a vast mountain valley with one castle on a hill, morning light, highly detailed"]},
+        {"id": 3, "type": "CLIPTextEncode", "pos": (380, 240), "title": "Negative",
+         "widgets_values": ["blurry, lowres, duplicate, watermark"]},
+        {"id": 4, "type": "EmptyLatentImage", "pos": (380, 440), "widgets_values": [2048, 2048, 1]},
+        {"id": 5, "type": "HiResParallelPatchParallelKSampler", "pos": (820, 40), "title": "Patch-Parallel KSampler",
+         "widgets_values": [0, "fixed", 30, 7.0, "euler", "karras", 1.0, 0, "auto", "exact", "auto"]},
+        {"id": 6, "type": "VAEDecode", "pos": (1200, 40)},
+        {"id": 7, "type": "SaveImage", "pos": (1440, 40), "widgets_values": ["HiResParallel_patch_parallel"]},
+    ]
+    links = [
+        (1, "CLIP", 2, "clip"), (1, "CLIP", 3, "clip"),
+        (1, "MODEL", 5, "model"), (2, "CONDITIONING", 5, "positive"), (3, "CONDITIONING", 5, "negative"),
+        (4, "LATENT", 5, "latent_image"), (5, "LATENT", 6, "samples"), (1, "VAE", 6, "vae"), (6, "IMAGE", 7, "images"),
+    ]
+    return build(nodes, links)
+
+
 def thumbnail(path: pathlib.Path, title: str, boxes: list[tuple[str, int]]) -> None:
     """A schematic of the pipeline: one box per stage, sized by its output resolution."""
     from PIL import Image, ImageDraw
@@ -130,6 +154,8 @@ def thumbnail(path: pathlib.Path, title: str, boxes: list[tuple[str, int]]) -> N
 WORKFLOWS = {
     "relay_upscale_2x": (relay_upscale_2x, "Relay upscale 2x: 512 -> 1024, block noise at t=500",
                          [("512 txt2img", 80), ("upsample + block noise", 120), ("1024 relay", 160)]),
+    "patch_parallel_ksampler": (patch_parallel_ksampler, "Patch-parallel KSampler: one 2048x2048 image, a band per GPU",
+                                [("GPU 0 band", 70), ("GPU 1 band", 70), ("gathered 2048", 160)]),
 }
 
 

@@ -13,6 +13,10 @@ EXPECTED_NODES = {
     "HiResParallelRelaySigmas",
     "HiResParallelLinearRelaySampler",
     "HiResParallelRelayUpscaleSampler",
+    "HiResParallelPatchParallelKSampler",
+    "HiResParallelPatchParallelGuider",
+    "HiResParallelPoolStatus",
+    "HiResParallelPoolShutdown",
 }
 
 

@@ -58,3 +58,39 @@ def test_examples_are_listed_in_the_template_browser(comfy_server, pack_folder):
     assert sorted(listed.get(pack_folder, [])) == sorted(p.stem for p in EXAMPLES.glob("*.json"))
     r = comfy_server.get(f"/api/workflow_templates/{pack_folder}/relay_upscale_2x.json")
     assert r.status_code == 200 and r.json()["nodes"]
+
+
+def test_patch_parallel_example_runs_on_two_cpu_workers_and_the_pool_reports(comfy_server, object_info, test_pack):
+    import json
+    import os
+
+    prompt = _prompt("patch_parallel_ksampler", object_info, test_pack)
+    (empty,) = _nodes(prompt, "EmptyLatentImage")
+    empty["inputs"].update(width=256, height=320)
+    (ks,) = _nodes(prompt, "HiResParallelPatchParallelKSampler")
+    assert ks["inputs"]["devices"] == 0 and ks["inputs"]["device_kind"] == "auto"  # the file's defaults
+    ks["inputs"].update(steps=3, devices=2, device_kind="cpu")
+    prompt_id = comfy_server.queue(prompt)
+    history = comfy_server.wait(prompt_id, timeout=300)
+    pngs = [p for p in comfy_server.output_files(history) if p.suffix == ".png"]
+    assert len(pngs) == 1 and Image.open(pngs[0]).size == (256, 320)
+    ks_id = next(k for k, v in prompt.items() if v is ks)
+    events = comfy_server.progress_events(prompt_id)
+    steps = [m["data"]["value"] for m in events if m["type"] == "progress" and m["data"].get("node") == ks_id]
+    assert steps and steps[-1] == 3, f"no per-step progress from the patch-parallel sampler: {steps}"
+
+    status_prompt = {"1": {"class_type": "HiResParallelPoolStatus", "inputs": {"refresh": 1}}}
+    out = comfy_server.run(status_prompt, timeout=60)
+    status = json.loads(out["outputs"]["1"]["text"][0])
+    assert status["pool"]["warm"] is True and status["pool"]["devices"] == ["cpu", "cpu"]
+    assert status["last_run"]["world_size"] == 2
+    # cfg_parallel "auto" with 2 devices: cond and uncond on one device each, exchanged once per step
+    assert status["last_run"]["cfg_parallel"] is True
+    assert status["last_run"]["ranks"][1]["comm"]["bytes_sent"]["batch"] > 0
+    pids = status["pool"]["pids"]
+
+    shut = comfy_server.run({"1": {"class_type": "HiResParallelPoolShutdown", "inputs": {"trigger": 1}}}, timeout=60)
+    after = json.loads(shut["outputs"]["1"]["text"][0])
+    assert after["pool"]["warm"] is False
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z", pid

@@ -1,0 +1,96 @@
+"""Scaling of exact patch-parallel sampling on this machine's CPU.
+
+Side by side in one run (this machine is noisy): 1 rank x 2 threads, 1 rank x 1 thread, 2 ranks x 1 thread
+(the worker pool, gloo), on an SD-family test UNet at a latent where one CFG step takes over a second.
+Prints a table (seconds per step, speed-up against 1 rank x 1 thread and against 1 rank x 2 threads, bytes
+sent per step per rank by kind, max difference to the 1-rank result) and writes JSON.
+
+    python benchmarks/bench_exact_scaling.py [--size 128] [--steps 4] [--channels 64]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=128, help="latent side (pixels / 8)")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--channels", type=int, default=64, help="UNet model_channels of the test model")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "exact_scaling.json"))
+    args = ap.parse_args(argv)
+
+    from hires_parallel.comfy_host import ensure_comfy
+
+    ensure_comfy(cpu=True)
+    import torch
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import comfy.samplers
+    from support.tiny_models import build_sd15, make_conds
+
+    from hires_parallel.parallel import submit
+    from hires_parallel.parallel.pool import shutdown_pool
+    from hires_parallel.parallel.sampling_job import SamplerSpec
+
+    model = build_sd15(seed=0, model_channels=args.channels)
+    pos, neg = make_conds(model, seed=1)
+    latent = torch.zeros(1, 4, args.size, args.size)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+    sigmas = comfy.samplers.KSampler(model, args.steps, "cpu", "euler", "karras", 1.0).sigmas
+
+    def run(devices: list[str], threads: int) -> tuple[torch.Tensor, dict]:
+        torch.set_num_threads(threads)
+        out = submit.run_sampling(model, pos, neg, 5.0, noise, latent, sigmas, SamplerSpec(name="euler"), 0, None,
+                                  devices, cfg_parallel="off")
+        return out, json.loads(json.dumps(submit.LAST_RUN, default=str))
+
+    configs = [("1 rank x 2 threads", ["cpu"], 2), ("1 rank x 1 thread", ["cpu"], 1), ("2 ranks x 1 thread", ["cpu", "cpu"], 1)]
+    rows, ref = [], None
+    run(["cpu", "cpu"], 1)  # start the pool and cache the model: start-up is not what is measured
+    for label, devices, threads in configs:
+        t0 = time.perf_counter()
+        out, last = run(devices, threads)
+        wall = time.perf_counter() - t0
+        ref = out if ref is None else ref
+        rank0 = last["ranks"][0]
+        per_step = statistics.median(rank0["step_s"][1:] or rank0["step_s"])
+        comm = rank0.get("comm", {})
+        sent = {k: v // max(1, rank0["steps"]) for k, v in comm.get("bytes_sent", {}).items()}
+        rows.append({"config": label, "ranks": len(devices), "threads_per_rank": threads, "s_per_step": round(per_step, 3),
+                     "wall_s": round(wall, 2), "bytes_sent_per_step_rank0": sent,
+                     "max_abs_diff_vs_first": float((out - ref).abs().max())})
+    shutdown_pool()
+    torch.set_num_threads(2)
+
+    base1 = next(r for r in rows if r["config"] == "1 rank x 1 thread")["s_per_step"]
+    base2 = next(r for r in rows if r["config"] == "1 rank x 2 threads")["s_per_step"]
+    print(f"\nexact patch-parallel, SD-family test UNet ({args.channels} ch), latent {args.size}x{args.size}, "
+          f"{args.steps} euler steps, CFG batch 2")
+    print(f"{'config':22s} {'s/step':>8s} {'vs 1x1':>7s} {'vs 1x2':>7s} {'KiB sent/step (rank 0)':>24s} {'max diff':>9s}")
+    for r in rows:
+        r["speedup_vs_1rank_1thread"] = round(base1 / r["s_per_step"], 2)
+        r["speedup_vs_1rank_2threads"] = round(base2 / r["s_per_step"], 2)
+        kib = sum(r["bytes_sent_per_step_rank0"].values()) / 1024
+        print(f"{r['config']:22s} {r['s_per_step']:8.3f} {r['speedup_vs_1rank_1thread']:7.2f} "
+              f"{r['speedup_vs_1rank_2threads']:7.2f} {kib:24.1f} {r['max_abs_diff_vs_first']:9.2e}")
+    result = {"benchmark": "exact_scaling", "machine": {"cpu_count": __import__("os").cpu_count(),
+                                                        "platform": platform.platform(), "torch": torch.__version__},
+              "size": args.size, "steps": args.steps, "channels": args.channels, "rows": rows}
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Patch-parallel sampling nodes: a KSampler and a GUIDER that split each UNet step over several devices,
+plus pool status and shutdown. Thin adapters over parallel.submit."""
+from __future__ import annotations
+
+import json
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+from comfy_api.v0_0_2 import io, ui
+
+from ..parallel import submit
+from ..parallel.sampling_job import SamplerSpec, sampler_spec
+
+
+def _parallel_inputs() -> list:
+    return [
+        io.Int.Input("devices", default=0, min=0, max=64,
+                     tooltip="How many devices split each step. 0 = every visible GPU. Asking for more GPUs than exist "
+                             "runs on those that exist (see the log). 1 runs in this process."),
+        io.Combo.Input("device_kind", options=submit.DEVICE_KINDS, default="auto",
+                       tooltip="auto: CUDA GPUs when present, else CPU processes. cpu: N worker processes on the CPU "
+                               "(gloo), to try the pipeline without GPUs."),
+        io.Combo.Input("mode", options=submit.MODES, default="exact",
+                       tooltip="exact: neighbours exchange halos, GroupNorm statistics and attention keys/values every "
+                               "layer, so the image equals the single-device image up to float rounding."),
+        io.Combo.Input("cfg_parallel", options=submit.CFG_PARALLEL, default="auto",
+                       tooltip="Run the positive and negative prompt on different halves of the devices. auto: on for an "
+                               "even number of devices when there is a negative prompt."),
+    ]
+
+
+class HiResParallelPatchParallelKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HiResParallelPatchParallelKSampler",
+            display_name="Patch-Parallel KSampler",
+            category="sampling",
+            description="KSampler whose every step is split over several devices: the image is cut into row bands, "
+                        "one per device, that exchange what they need at each layer. Your model, LoRAs, sampler and "
+                        "scheduler are ComfyUI's own. Exact mode gives the single-device image.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model used for denoising (SD1.x/2.x/SDXL UNets; LoRAs apply)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The random seed used for creating the noise."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="The number of denoising steps."),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, tooltip="Any ComfyUI sampler."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, tooltip="Any ComfyUI scheduler."),
+                io.Conditioning.Input("positive", tooltip="What the image should contain."),
+                io.Conditioning.Input("negative", tooltip="What the image should not contain."),
+                io.Latent.Input("latent_image", tooltip="The latent to denoise (an empty latent for txt2img)."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="How much of the schedule to run, as in KSampler."),
+                *_parallel_inputs(),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,
+                latent_image: dict, denoise: float, devices: int, device_kind: str, mode: str,
+                cfg_parallel: str) -> io.NodeOutput:
+        latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+        ks = comfy.samplers.KSampler(model, steps=steps, device="cpu", sampler=sampler_name, scheduler=scheduler,
+                                     denoise=denoise, model_options=model.model_options)
+        out = latent_image.copy()
+        if ks.sigmas.shape[-1] == 0:  # denoise 0: nothing to do, as KSampler
+            out["samples"] = latent
+            return io.NodeOutput(out)
+        callback = latent_preview.prepare_callback(model, ks.sigmas.shape[-1] - 1)
+        samples = submit.run_sampling(
+            model, positive, negative, cfg, noise, latent, ks.sigmas, SamplerSpec(name=sampler_name), seed,
+            latent_image.get("noise_mask"), submit.resolve_devices(devices, device_kind), cfg_parallel, mode, callback)
+        out["samples"] = samples.to(comfy.model_management.intermediate_device())
+        return io.NodeOutput(out)
+
+
+class PatchParallelGuider(comfy.samplers.CFGGuider):
+    """CFGGuider whose sampling runs through the patch-parallel runtime."""
+
+    def __init__(self, model_patcher, devices: list[str], cfg_parallel: str, mode: str):
+        super().__init__(model_patcher)
+        self.devices, self.cfg_parallel, self.mode = devices, cfg_parallel, mode
+        self.raw_positive = self.raw_negative = None
+
+    def set_conds(self, positive, negative):
+        self.raw_positive, self.raw_negative = positive, negative
+        super().set_conds(positive, negative)
+
+    def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
+               seed=None):
+        if sigmas.shape[-1] == 0:
+            return latent_image
+        spec = SamplerSpec(obj=sampler) if len(self.devices) == 1 else sampler_spec(sampler)
+        return submit.run_sampling(self.model_patcher, self.raw_positive, self.raw_negative, self.cfg, noise,
+                                   latent_image, sigmas.cpu(), spec, seed, denoise_mask, self.devices,
+                                   self.cfg_parallel, self.mode, callback)
+
+
+class HiResParallelPatchParallelGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HiResParallelPatchParallelGuider",
+            display_name="Patch-Parallel Guider",
+            category="sampling/custom_sampling/guiders",
+            description="A CFG guider for SamplerCustomAdvanced that splits every step over several devices, so custom "
+                        "sigmas, noise (Block Noise too) and samplers run patch-parallel.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model used for denoising (SD1.x/2.x/SDXL UNets; LoRAs apply)."),
+                io.Conditioning.Input("positive", tooltip="What the image should contain."),
+                io.Conditioning.Input("negative", tooltip="What the image should not contain."),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale."),
+                *_parallel_inputs(),
+            ],
+            outputs=[io.Guider.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, cfg: float, devices: int, device_kind: str, mode: str,
+                cfg_parallel: str) -> io.NodeOutput:
+        guider = PatchParallelGuider(model, submit.resolve_devices(devices, device_kind), cfg_parallel, mode)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return io.NodeOutput(guider)
+
+
+def pool_status_text() -> str:
+    from ..parallel.pool import current_pool
+
+    pool = current_pool()
+    status = {"pool": pool.status() if pool is not None else {"warm": False, "devices": []},
+              "last_run": submit.LAST_RUN or None}
+    return json.dumps(status, indent=1, default=str)
+
+
+class HiResParallelPoolStatus(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HiResParallelPoolStatus",
+            display_name="Parallel Pool Status",
+            category="sampling/hires_parallel",
+            description="Shows the worker pool: devices, whether it is warm, and the last run's time per step and bytes "
+                        "communicated per rank.",
+            inputs=[io.Int.Input("refresh", default=0, min=0, max=0xFFFFFFFF,
+                                 tooltip="Any value; change it (or queue again) to read the status anew.")],
+            outputs=[io.String.Output(display_name="status")],
+            is_output_node=True,
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def execute(cls, refresh: int) -> io.NodeOutput:
+        text = pool_status_text()
+        return io.NodeOutput(text, ui=ui.PreviewText(text))
+
+
+class HiResParallelPoolShutdown(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HiResParallelPoolShutdown",
+            display_name="Parallel Pool Shutdown",
+            category="sampling/hires_parallel",
+            description="Stops the worker processes and frees their memory. The next patch-parallel run starts them again.",
+            inputs=[io.Int.Input("trigger", default=0, min=0, max=0xFFFFFFFF,
+                                 tooltip="Any value; the node runs every time the graph is queued.")],
+            outputs=[io.String.Output(display_name="status")],
+            is_output_node=True,
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def execute(cls, trigger: int) -> io.NodeOutput:
+        from ..parallel.pool import shutdown_pool
+
+        shutdown_pool()
+        submit.close_weight_store()
+        text = pool_status_text()
+        return io.NodeOutput(text, ui=ui.PreviewText(text))
+
+
+PARALLEL_NODES = [
+    HiResParallelPatchParallelKSampler,
+    HiResParallelPatchParallelGuider,
+    HiResParallelPoolStatus,
+    HiResParallelPoolShutdown,
+]

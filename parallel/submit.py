@@ -1,0 +1,168 @@
+"""Controller side of a patch-parallel run, called by the nodes inside ComfyUI.
+
+Chooses the devices, checks everything that can be wrong before any heavy work (model family, patches,
+band layout, what can be shipped), then runs the SamplingJob in-process (1 device) or on the worker
+pool, feeding ComfyUI's progress bar / previews and turning a Cancel into ComfyUI's interrupt.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+
+from .layout import LayoutError, ParallelPlan, split_rows
+from .payload import WeightStore, check_picklable, make_payload
+from .protocol import JobCancelled, JobFailed, WorkerContext
+from .sampling_job import ParallelSpec, SamplerSpec, SamplingJob
+
+log = logging.getLogger("hires_parallel")
+
+DEVICE_KINDS = ["auto", "cuda", "cpu"]
+CFG_PARALLEL = ["auto", "on", "off"]
+MODES = ["exact"]
+JOB_TIMEOUT_S = 900.0  # no word from rank 0 for this long: the job is declared hung
+
+_store_lock = threading.Lock()
+_store: WeightStore | None = None
+LAST_RUN: dict[str, Any] = {}
+
+
+class ParallelInputError(ValueError):
+    """Bad input to a patch-parallel node; the message says what to change."""
+
+    user_facing = True
+
+
+def resolve_devices(devices: int, kind: str) -> list[str]:
+    """Device list for a run: `devices` 0 means every visible GPU; more than exist runs on what exists."""
+    if kind not in DEVICE_KINDS:
+        raise ParallelInputError(f"device_kind must be one of {DEVICE_KINDS}; got {kind!r}.")
+    cuda_n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "auto":
+        kind = "cuda" if cuda_n else "cpu"
+    if kind == "cuda":
+        if cuda_n == 0:
+            raise ParallelInputError("device_kind is cuda but no CUDA device is visible: choose auto or cpu.")
+        n = cuda_n if devices <= 0 else devices
+        if n > cuda_n:
+            log.warning("HiRes Parallel: %d devices asked for, %d visible; running on %d.", n, cuda_n, cuda_n)
+            n = cuda_n
+        return [f"cuda:{i}" for i in range(n)]
+    return ["cpu"] * max(1, devices)
+
+
+def resolve_cfg_parallel(setting: str, world: int, has_negative: bool) -> bool:
+    if setting not in CFG_PARALLEL:
+        raise ParallelInputError(f"cfg_parallel must be one of {CFG_PARALLEL}; got {setting!r}.")
+    if setting == "off" or world < 2 or not has_negative:
+        return False
+    if setting == "auto":
+        return world % 2 == 0
+    if world % 2:
+        raise ParallelInputError(f"CFG parallel splits cond and uncond over two halves of the devices; "
+                                 f"{world} devices cannot be halved: use an even number of devices or set cfg_parallel to off.")
+    return True
+
+
+def weight_store() -> WeightStore:
+    global _store
+    with _store_lock:
+        if _store is None:
+            _store = WeightStore()
+        return _store
+
+
+def close_weight_store() -> None:
+    global _store
+    with _store_lock:
+        if _store is not None:
+            _store.close()
+            _store = None
+
+
+def preflight(model, positive, negative, latent_image: torch.Tensor, devices: list[str], cfg_parallel: str,
+              mode: str) -> ParallelSpec:
+    """Every check that needs no heavy work; raises ParallelInputError/UnsupportedModel/UnshippablePatch."""
+    world = len(devices)
+    if mode not in MODES:
+        raise ParallelInputError(f"mode must be one of {MODES}; got {mode!r}.")
+    spec = ParallelSpec(world, resolve_cfg_parallel(cfg_parallel, world, negative is not None), mode)
+    if world == 1:
+        return spec
+    from .unet_parallel import check_band_parallel_support
+
+    check_band_parallel_support(model)
+    plan = ParallelPlan(world, spec.cfg_parallel)
+    align = 2 ** (len(model.get_model_object("diffusion_model").channel_mult) - 1)
+    if latent_image.ndim != 4:
+        raise ParallelInputError(f"Patch-parallel sampling takes image latents (4-D); got shape {tuple(latent_image.shape)}.")
+    try:
+        split_rows(int(latent_image.shape[-2]), plan.bands_per_group, align)
+    except LayoutError as e:
+        raise ParallelInputError(str(e)) from e
+    advice = "Remove the node that adds it, or run with 1 device."
+    check_picklable(positive, "the positive conditioning", advice)
+    check_picklable(negative, "the negative conditioning", advice)
+    return spec
+
+
+def run_sampling(model, positive, negative, cfg: float, noise: torch.Tensor, latent_image: torch.Tensor,
+                 sigmas: torch.Tensor, sampler: SamplerSpec, seed: int | None, denoise_mask, devices: list[str],
+                 cfg_parallel: str = "auto", mode: str = "exact",
+                 callback: Callable[[int, torch.Tensor, Any, int], None] | None = None) -> torch.Tensor:
+    """Sample like ComfyUI's CFGGuider.sample, with the model evaluation split over `devices`."""
+    import comfy.model_management
+
+    spec = preflight(model, positive, negative, latent_image, devices, cfg_parallel, mode)
+    interrupted = threading.Event()
+
+    def on_progress(event: dict) -> None:
+        if callback is None or event.get("step") is None:
+            return
+        try:
+            callback(event["step"], event.get("x0"), None, event["total"])
+        except comfy.model_management.InterruptProcessingException:
+            interrupted.set()
+
+    def should_cancel() -> bool:
+        return interrupted.is_set() or comfy.model_management.processing_interrupted()
+
+    t0 = time.perf_counter()
+    if spec.world_size == 1:  # the smallest group: the same job, in this process, on ComfyUI's own model
+        job = SamplingJob(model, positive, negative, cfg, noise, latent_image, sigmas, sampler, seed, spec, denoise_mask)
+        ctx = WorkerContext.local(model.load_device, on_progress=on_progress, should_cancel=should_cancel)
+        try:
+            value = job.run(ctx)
+        except JobCancelled:
+            raise comfy.model_management.InterruptProcessingException() from None
+        _record(devices, spec, time.perf_counter() - t0, [ctx.stats])
+        return value["samples"]
+
+    from .pool import get_pool
+
+    payload = make_payload(model, weight_store())
+    if any(d.startswith("cuda") for d in devices):  # the workers need the memory ComfyUI's copy holds
+        comfy.model_management.unload_all_models()
+        comfy.model_management.soft_empty_cache()
+    job = SamplingJob(payload, positive, negative, cfg, noise.cpu(), latent_image.cpu(), sigmas.cpu(), sampler, seed,
+                      spec, None if denoise_mask is None else denoise_mask.cpu())
+    pool = get_pool(devices)
+    try:
+        result = pool.run(job, on_progress=on_progress, should_cancel=should_cancel, timeout_s=JOB_TIMEOUT_S)
+    except JobCancelled:
+        raise comfy.model_management.InterruptProcessingException() from None
+    except JobFailed as e:
+        if getattr(e, "user_facing", False):
+            raise ParallelInputError(str(e)) from None
+        raise
+    _record(devices, spec, result.seconds, result.stats)
+    return result.value["samples"]
+
+
+def _record(devices: list[str], spec: ParallelSpec, seconds: float, stats: list[dict]) -> None:
+    LAST_RUN.clear()
+    LAST_RUN.update(devices=devices, world_size=spec.world_size, cfg_parallel=spec.cfg_parallel, mode=spec.mode,
+                    seconds=round(seconds, 3), ranks=stats, finished=time.time())

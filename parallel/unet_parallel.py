@@ -1,0 +1,557 @@
+"""Exact patch parallelism for ComfyUI UNets (SD1.x / SD2.x / SDXL), through ComfyUI's own seams.
+
+``apply_band_parallel(model, runtime)`` returns a CLONE of a ModelPatcher that, on every rank of a
+parallel run, evaluates the UNet on this rank's row band only and hands ComfyUI the full output:
+
+* a ``WrappersMP.DIFFUSION_MODEL`` wrapper (key "hires_parallel") slices the batch (CFG parallel),
+  the rows of ``x`` and of ControlNet residuals, marks the band as active for the duration of the
+  call, and gathers the output rows (and batch halves) at the end;
+* object patches swap every Conv2d that looks across rows (kernel height > 1 or stride > 1) and every
+  GroupNorm for a band-aware twin of the SAME module (same ``__dict__``, so ComfyUI's weight loading
+  and LoRA patches keyed by parameter name land in it), which uses ``band_conv2d`` /
+  ``band_group_norm`` while a band is active and the original forward otherwise;
+* ``attn1`` replace patches (q, k, v already projected, so LoRA on to_k / to_v is honoured) attend
+  with the keys and values of all bands, through ComfyUI's own ``optimized_attention``.
+
+Cross-attention, 1x1 convolutions, linear layers and LayerNorm are local to a band and untouched.
+Every rank runs ComfyUI's sampler loop on the full latent with the same noise; only the model
+evaluation is split, so the result equals the single-device one up to float rounding. World size 1
+goes through the same code without torch.distributed.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .band_ops import band_conv2d, band_group_norm, band_kv
+from .comm import BandGroup, CommStats, gather_batch
+from .layout import LayoutError, ParallelPlan, split_rows
+
+__all__ = [
+    "WRAPPER_KEY",
+    "UNSPLITTABLE_PATCHES",
+    "UnsupportedModel",
+    "check_band_parallel_support",
+    "BandParallelRuntime",
+    "apply_band_parallel",
+    "active_band",
+    "band_rows",
+    "slice_control",
+]
+
+WRAPPER_KEY = "hires_parallel"
+# transformer_options["patches"] entries that see or change whole feature maps (Deep Shrink, FreeU,
+# HyperTile, ToMe, hypernetworks, GLIGEN, ...): a band cannot compute them alone.
+UNSPLITTABLE_PATCHES = (
+    "input_block_patch",
+    "input_block_patch_after_skip",
+    "output_block_patch",
+    "middle_patch",
+    "attn1_patch",
+    "attn1_output_patch",
+    "forward_timestep_embed_patch",
+)
+_TO_KEY = "hires_parallel_band"  # transformer_options entry telling patches which rows they see
+
+
+class UnsupportedModel(ValueError):
+    """The model (or a patch on it) cannot be sampled patch-parallel; the message says what to change."""
+
+    user_facing = True
+
+
+# ------------------------------------------------------------------------------------ active band
+_ACTIVE = threading.local()
+
+
+def active_band() -> BandGroup | None:
+    """The band the UNet call running on this thread computes, or None outside a band-parallel call."""
+    return getattr(_ACTIVE, "band", None)
+
+
+@contextmanager
+def _band_active(band: BandGroup) -> Iterator[None]:
+    prev = active_band()
+    _ACTIVE.band = band
+    try:
+        yield
+    finally:
+        _ACTIVE.band = prev
+
+
+# ------------------------------------------------------------------------------------ geometry
+def band_rows(bands: Sequence[tuple[int, int]], index: int, factor: int = 1) -> tuple[int, int]:
+    """Rows ``[start, end)`` of band ``index`` at a UNet level downsampled by ``factor``.
+
+    Band starts are multiples of the alignment, so they divide exactly; the last band runs to the
+    level's full height ``ceil(H / factor)`` (stride-2 convolutions round up).
+    """
+    f = int(factor)
+    s, e = bands[index]
+    if index == len(bands) - 1:
+        return s // f, -(-bands[-1][1] // f)
+    return s // f, e // f
+
+
+def _level_factor(height: int, full_height: int, max_factor: int) -> int:
+    """The power-of-two downsampling factor f <= max_factor with ceil(full_height / f) == height."""
+    f = 1
+    while f <= max_factor:
+        if -(-full_height // f) == height:
+            return f
+        f *= 2
+    raise ValueError(
+        f"a tensor of {height} rows is at no UNet level of a {full_height}-row latent "
+        f"(downsampling factors 1..{max_factor}); it cannot be split into row bands"
+    )
+
+
+def slice_control(
+    control: Mapping[str, Any] | None,
+    bands: Sequence[tuple[int, int]],
+    index: int,
+    max_factor: int,
+    batch: tuple[int, int, int] | None = None,
+) -> dict[str, list] | None:
+    """ControlNet residuals (``{"input": [...], "middle": [...], "output": [...]}``) cut to one band.
+
+    Each tensor keeps the rows of band ``index`` at its own resolution (found from its height; levels
+    are powers of two up to ``max_factor``); None entries stay None. ``batch`` = (lo, hi, B) keeps
+    samples lo..hi of tensors whose batch is B (CFG parallel). Returns new lists: ComfyUI pops them.
+    """
+    if control is None:
+        return None
+    full = bands[-1][1]
+    out: dict[str, list] = {}
+    for key, items in control.items():
+        if not isinstance(items, (list, tuple)):
+            out[key] = items
+            continue
+        cut = []
+        for t in items:
+            if isinstance(t, torch.Tensor) and t.dim() >= 2:
+                if batch is not None and t.shape[0] == batch[2]:
+                    t = t[batch[0] : batch[1]]
+                f = _level_factor(t.shape[-2], full, max_factor)
+                s, e = band_rows(bands, index, f)
+                t = t[..., s:e, :]
+            cut.append(t)
+        out[key] = cut
+    return out
+
+
+def _chunk_slice(items: list, batch: int, lo: int, hi: int) -> list:
+    """Entries of a per-chunk list (cond_or_uncond, uuids) whose chunk overlaps samples [lo, hi)."""
+    n = len(items)
+    if n == 0 or batch % n:
+        return list(items)
+    per = batch // n
+    return [v for i, v in enumerate(items) if i * per < hi and (i + 1) * per > lo]
+
+
+# ------------------------------------------------------------------------------------ support check
+def _diffusion_model(model: Any) -> Any:
+    if hasattr(model, "get_model_object"):
+        return model.get_model_object("diffusion_model")
+    return getattr(getattr(model, "model", model), "diffusion_model", None)
+
+
+def _unet_classes() -> tuple[type, type, type, tuple[type, ...]]:
+    """(UNetModel, Downsample, Upsample, video layer classes) of ComfyUI's openaimodel."""
+    from comfy.ldm.modules.attention import SpatialVideoTransformer
+    from comfy.ldm.modules.diffusionmodules import openaimodel
+
+    video = (openaimodel.VideoResBlock, SpatialVideoTransformer)
+    return openaimodel.UNetModel, openaimodel.Downsample, openaimodel.Upsample, video
+
+
+def _foreign_patch_names(transformer_options: Mapping[str, Any]) -> list[str]:
+    names = []
+    patches = transformer_options.get("patches", {}) or {}
+    for name in UNSPLITTABLE_PATCHES:
+        if patches.get(name):
+            names.append(name)
+    for key, patch in (transformer_options.get("patches_replace", {}) or {}).get("attn1", {}).items():
+        if not isinstance(patch, _BandSelfAttention):
+            names.append(f"attn1 replace {key}")
+    return names
+
+
+def check_band_parallel_support(model: Any) -> None:
+    """Raise UnsupportedModel when ``model`` (a ModelPatcher) cannot be sampled patch-parallel.
+
+    Supported: ComfyUI's openaimodel UNet (SD1.x, SD2.x, SDXL families) with weight patches (LoRA),
+    attn2 (cross-attention) patches and wrappers. Not supported: DiT families, video UNets, patches
+    that see whole feature maps (``UNSPLITTABLE_PATCHES``, attn1 replace patches), wrap-around padding.
+    """
+    unet_cls, _, _, video_kinds = _unet_classes()
+    dm = _diffusion_model(model)
+    if not isinstance(dm, unet_cls):
+        raise UnsupportedModel(
+            f"patch-parallel sampling needs a UNet model (SD1.x, SD2.x, SDXL), but this model's diffusion model "
+            f"is {type(dm).__name__}. DiT families (Flux, SD3) are not supported by patch-parallel sampling yet: "
+            f"use 1 device"
+        )
+    video = [type(m).__name__ for m in dm.modules() if isinstance(m, video_kinds)]
+    if video:
+        raise UnsupportedModel(
+            f"video UNets ({video[0]} layers, e.g. SVD) are not supported by patch-parallel sampling yet: use 1 device"
+        )
+    options = getattr(model, "model_options", {}) or {}
+    names = _foreign_patch_names(options.get("transformer_options", {}) or {})
+    if names:
+        raise UnsupportedModel(
+            f"the model carries patches that cannot be split into row bands: {', '.join(names)} "
+            f"(added by nodes such as PatchModelAddDownscale / Kohya Deep Shrink, FreeU, HyperTile, Tomepatch or a "
+            f"hypernetwork); remove it or use 1 device"
+        )
+    for name, m in dm.named_modules():
+        if isinstance(m, torch.nn.Conv2d) and m.padding_mode != "zeros":
+            raise UnsupportedModel(
+                f"convolution diffusion_model.{name} pads with padding_mode={m.padding_mode!r} (e.g. a seamless-tiling "
+                f"patch), which cannot be split into row bands; remove it or use 1 device"
+            )
+
+
+# ------------------------------------------------------------------------------------ band modules
+def _cast_weights(m: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Weight and bias as the module's own forward would use them (ComfyUI casting / lowvram patches)."""
+    if getattr(m, "weight", None) is None:
+        return None, getattr(m, "bias", None)
+    if (
+        getattr(m, "comfy_cast_weights", False)
+        or len(getattr(m, "weight_function", ())) > 0
+        or len(getattr(m, "bias_function", ())) > 0
+    ):
+        import comfy.ops
+
+        return comfy.ops.cast_bias_weight(m, x)
+    return m.weight, m.bias
+
+
+def _conv_forward(self: torch.nn.Conv2d, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    band = active_band()
+    if band is None:
+        return self._hp_base.forward(self, x, *args, **kwargs)
+    weight, bias = _cast_weights(self, x)
+    return band_conv2d(
+        x, weight, bias, self.stride, self.padding, self.dilation, self.groups, band, padding_mode=self.padding_mode
+    )
+
+
+def _group_norm_forward(self: torch.nn.GroupNorm, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    band = active_band()
+    if band is None:
+        return self._hp_base.forward(self, x, *args, **kwargs)
+    weight, bias = _cast_weights(self, x)
+    return band_group_norm(x, self.num_groups, weight, bias, self.eps, band)
+
+
+_BAND_CLASSES: dict[type, type] = {}
+_BAND_LOCK = threading.Lock()
+
+
+def _band_class(base: type) -> type:
+    with _BAND_LOCK:
+        cls = _BAND_CLASSES.get(base)
+        if cls is None:
+            forward = _conv_forward if issubclass(base, torch.nn.Conv2d) else _group_norm_forward
+            cls = type(f"Band{base.__name__}", (base,), {"forward": forward, "_hp_base": base, "__module__": __name__})
+            _BAND_CLASSES[base] = cls
+        return cls
+
+
+def _band_module(module: torch.nn.Module) -> torch.nn.Module:
+    """A band-aware twin of ``module`` that shares its ``__dict__`` (not a copy of it).
+
+    Sharing the dict makes the twin the same module for ComfyUI: parameters set by weight loading or
+    LoRA patching (by name, through whichever object is in the tree), ``comfy_patched_weights`` and
+    lowvram ``weight_function`` bookkeeping all land in both. A copy would freeze that bookkeeping:
+    e.g. a stale ``comfy_patched_weights = True`` copied while another patcher had the model loaded
+    makes ModelPatcher.load skip the module and silently drop its LoRA.
+    """
+    base = getattr(type(module), "_hp_base", type(module))  # a twin of a twin is a twin of the original
+    twin = object.__new__(_band_class(base))
+    object.__setattr__(twin, "__dict__", module.__dict__)
+    return twin
+
+
+def _needs_band_module(m: torch.nn.Module) -> bool:
+    if isinstance(m, torch.nn.GroupNorm):
+        return True
+    if isinstance(m, torch.nn.Conv2d):
+        return m.kernel_size[0] > 1 or m.stride[0] > 1
+    return False
+
+
+# ------------------------------------------------------------------------------------ attention
+class _BandSelfAttention:
+    """attn1 replace patch: this band's queries against the keys / values of all bands."""
+
+    def __init__(self, factor: int) -> None:
+        self.factor = int(factor)  # the block's downsampling level, known from the UNet's structure
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        from comfy.ldm.modules import attention
+
+        band = active_band()
+        if band is not None and band.size > 1:
+            # Token counts from the geometry, identical on every rank (no size exchange needed).
+            width = int(extra_options["activations_shape"][-1])
+            heights = [e - s for s, e in (band_rows(band.bands, j, self.factor) for j in range(band.size))]
+            if heights[band.index] * width != k.shape[1]:
+                raise RuntimeError(
+                    f"self-attention at {extra_options.get('block')} got {k.shape[1]} tokens, expected "
+                    f"{heights[band.index]} x {width} for band {band.index} of {band.bands} at factor {self.factor}"
+                )
+            k, v = band_kv(k, v, band, sizes=[h * width for h in heights])
+        return attention.optimized_attention(
+            q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
+            transformer_options=extra_options,
+        )
+
+    def __deepcopy__(self, memo: dict) -> "_BandSelfAttention":
+        return self  # ModelPatcher.clone deep-copies model_options; the patch is stateless per job
+
+    def __repr__(self) -> str:
+        return f"_BandSelfAttention(factor={self.factor})"
+
+
+def _unet_levels(unet: Any) -> tuple[int, dict[tuple[str, int, int], int]]:
+    """(number of downsamplings, {attn1 key: downsampling factor}) of an openaimodel UNet."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+
+    _, down_cls, up_cls, _ = _unet_classes()
+    keys: dict[tuple[str, int, int], int] = {}
+
+    def visit(name: str, number: int, block: Any, level: int) -> None:
+        for layer in block:
+            if isinstance(layer, SpatialTransformer):
+                for i, tb in enumerate(layer.transformer_blocks):
+                    if not getattr(tb, "disable_self_attn", False):  # attn1 on the text: local
+                        keys[(name, number, i)] = 2**level
+
+    level = 0
+    for i, block in enumerate(unet.input_blocks):
+        visit("input", i, block, level)
+        if any(isinstance(m, down_cls) for m in block.modules()):
+            level += 1
+    n_down = level
+    if unet.middle_block is not None:
+        visit("middle", 0, unet.middle_block, level)
+    for i, block in enumerate(unet.output_blocks):
+        visit("output", i, block, level)
+        if any(isinstance(m, up_cls) for m in block.modules()):
+            level -= 1
+    return n_down, keys
+
+
+# ------------------------------------------------------------------------------------ runtime
+class BandParallelRuntime:
+    """One worker's share of one job: its place in the plan, its process groups, its comm counts.
+
+    Every rank constructs it with the same plan (SPMD); the constructor creates the subgroups in the
+    same order on every rank: one band group per batch group, then one peer group per band index
+    (groups of one rank are not created). With world size 1 nothing touches torch.distributed.
+    ``align`` is the row alignment of band starts (the UNet's total downsampling or a multiple of it);
+    ``weights`` are relative band heights, one per band of a batch group.
+    """
+
+    def __init__(
+        self,
+        plan: ParallelPlan,
+        rank: int,
+        align: int,
+        weights: Sequence[float] | None = None,
+        stats: CommStats | None = None,
+    ) -> None:
+        self.plan = plan
+        self.rank = int(rank)
+        self.batch_group, self.band_index = plan.coords(self.rank)
+        if int(align) != align or align < 1:
+            raise LayoutError(f"the band alignment must be a positive integer, got {align!r}")
+        self.align = int(align)
+        self.weights = None if weights is None else [float(w) for w in weights]
+        if self.weights is not None and len(self.weights) != plan.bands_per_group:
+            raise LayoutError(
+                f"got {len(self.weights)} device weights for {plan.bands_per_group} bands; give one weight per band"
+            )
+        self.stats = stats if stats is not None else CommStats()
+        self.calls: list[dict[str, Any]] = []  # one entry per UNet call: sigma, shapes, bytes by kind
+        self._bands: dict[int, BandGroup] = {}
+        self._created: list[Any] = []
+        self._closed = False
+        self.band_group: Any = None
+        self.peer_group: Any = None
+        if plan.world_size > 1:
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError(
+                    f"a parallel plan of {plan.world_size} ranks needs torch.distributed to be initialised"
+                )
+            if dist.get_world_size() != plan.world_size or dist.get_rank() != self.rank:
+                raise ValueError(
+                    f"the process group has rank {dist.get_rank()} of {dist.get_world_size()}, "
+                    f"the plan says rank {self.rank} of {plan.world_size}"
+                )
+            for g in range(plan.batch_groups):
+                pg = self._new_group(plan.band_ranks(g))
+                if g == self.batch_group:
+                    self.band_group = pg
+            for b in range(plan.bands_per_group):
+                pg = self._new_group(plan.peer_ranks(b))
+                if b == self.band_index:
+                    self.peer_group = pg
+
+    def _new_group(self, ranks: list[int]) -> Any:
+        if len(ranks) == 1:
+            return None
+        if len(ranks) == self.plan.world_size:
+            return None  # the default group already is exactly these ranks
+        pg = dist.new_group(ranks)
+        self._created.append(pg)
+        return pg
+
+    def close(self) -> None:
+        """Destroy the subgroups this runtime created (every rank calls it at the end of the job)."""
+        for pg in self._created:
+            if pg is not None and dist.is_initialized():
+                dist.destroy_process_group(pg)
+        self._created.clear()
+        self._bands.clear()
+        self.band_group = self.peer_group = None
+        self._closed = True
+
+    def band_for(self, height: int) -> BandGroup:
+        """This rank's band of a latent of ``height`` rows (cached per height)."""
+        if self._closed:
+            raise RuntimeError("this BandParallelRuntime was closed; make a new one for the next job")
+        band = self._bands.get(height)
+        if band is None:
+            bands = split_rows(height, self.plan.bands_per_group, self.align, self.weights)
+            band = BandGroup(
+                self.plan.band_ranks(self.batch_group), self.rank, bands, group=self.band_group, stats=self.stats
+            )
+            self._bands[height] = band
+        return band
+
+    def batch_slice(self, batch: int) -> tuple[int, int] | None:
+        """Samples ``[lo, hi)`` this rank's batch group computes, or None for the whole batch."""
+        groups = self.plan.batch_groups
+        if groups == 1 or batch % groups:
+            return None  # odd batches (e.g. cfg 1): every group computes all of it
+        per = batch // groups
+        return self.batch_group * per, (self.batch_group + 1) * per
+
+    # -------------------------------------------------------------- the DIFFUSION_MODEL wrapper
+    def diffusion_model_wrapper(
+        self,
+        executor: Callable,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: Any,
+        y: Any,
+        control: Any,
+        transformer_options: dict,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        names = _foreign_patch_names(transformer_options)  # patches can also arrive with conds (GLIGEN)
+        if names:
+            raise UnsupportedModel(
+                f"this sampling run carries patches that cannot be split into row bands: {', '.join(names)}; "
+                f"remove it or use 1 device"
+            )
+        if x.dim() != 4:
+            raise UnsupportedModel(
+                f"patch-parallel sampling needs 4-d latents (B, C, H, W), got {tuple(x.shape)}: use 1 device"
+            )
+        batch, height = x.shape[0], x.shape[-2]
+        band = self.band_for(height)
+        sent0, recv0 = dict(self.stats.sent), dict(self.stats.received)
+
+        cut = self.batch_slice(batch)
+        to = dict(transformer_options)
+        if cut is not None:
+            lo, hi = cut
+
+            def half(t: Any) -> Any:
+                if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == batch:
+                    return t[lo:hi]
+                if isinstance(t, list):
+                    return [half(i) for i in t]
+                return t
+
+            x, timesteps, y = x[lo:hi], half(timesteps), half(y)
+            context = half(context)
+            kwargs = {k: half(v) for k, v in kwargs.items()}
+            for key in ("cond_or_uncond", "uuids"):
+                if isinstance(to.get(key), list):
+                    to[key] = _chunk_slice(to[key], batch, lo, hi)
+        s, e = band.rows
+        to[_TO_KEY] = {"rows": (s, e), "full_height": height, "bands": list(band.bands), "index": band.index}
+        control = slice_control(
+            control, band.bands, band.index, self.align, None if cut is None else (cut[0], cut[1], batch)
+        )
+        with _band_active(band):
+            out = executor(x[..., s:e, :], timesteps, context, y, control, to, **kwargs)
+        out = band.gather_rows(out, sizes=band.heights)
+        if cut is not None:
+            out = gather_batch(out, self.peer_group, self.stats)
+
+        sigma = transformer_options.get("sigmas")
+        self.calls.append({
+            "sigma": float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) and sigma.numel() else None,
+            "batch": batch,
+            "computed_batch": out.shape[0] if cut is None else cut[1] - cut[0],
+            "rows": (s, e),
+            "sent": {k: v - sent0.get(k, 0) for k, v in self.stats.sent.items()},
+            "received": {k: v - recv0.get(k, 0) for k, v in self.stats.received.items()},
+        })
+        return out
+
+    def __deepcopy__(self, memo: dict) -> "BandParallelRuntime":
+        return self  # holds process groups; clones of the patched model share it
+
+    def __repr__(self) -> str:
+        return (
+            f"BandParallelRuntime(rank={self.rank}/{self.plan.world_size}, batch_group={self.batch_group}, "
+            f"band={self.band_index}/{self.plan.bands_per_group}, align={self.align})"
+        )
+
+
+# ------------------------------------------------------------------------------------ apply
+def apply_band_parallel(model: Any, runtime: BandParallelRuntime) -> Any:
+    """A clone of ``model`` (a ModelPatcher) that evaluates its UNet on ``runtime``'s band.
+
+    Only the clone's own object patches, model_options and wrappers change; ``model`` is untouched.
+    Raises UnsupportedModel (see ``check_band_parallel_support``) before any change.
+    """
+    import comfy.patcher_extension
+
+    check_band_parallel_support(model)
+    if model.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY):
+        raise ValueError("this model is already patched for patch-parallel sampling; apply it to the original model")
+    unet = _diffusion_model(model)
+    n_down, attn_keys = _unet_levels(unet)
+    if runtime.align % (2**n_down):
+        raise LayoutError(
+            f"band alignment {runtime.align} does not cover the UNet's total downsampling {2**n_down}; "
+            f"use a multiple of {2**n_down}"
+        )
+    clone = model.clone()
+    for name, _ in unet.named_modules():
+        if not name:
+            continue
+        key = f"diffusion_model.{name}"
+        module = clone.get_model_object(key)  # respects object patches already on the model
+        if _needs_band_module(module):
+            clone.add_object_patch(key, _band_module(module))
+    for (block, number, index), factor in attn_keys.items():
+        clone.set_model_attn1_replace(_BandSelfAttention(factor), block, number, index)
+    clone.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, runtime.diffusion_model_wrapper
+    )
+    return clone

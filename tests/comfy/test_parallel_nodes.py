@@ -1,0 +1,194 @@
+"""Patch-Parallel KSampler / Guider against ComfyUI's own KSampler, through the real worker pool.
+
+Tolerance (fp32, CPU, whole sampling loop of a few steps): max abs difference <= 1e-5 x max|reference|
+against the single-process ComfyUI result of the same seed (the random tiny UNets end at values of a few
+hundred, where one fp32 ulp is ~3e-5). The measured values are printed.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from support.tiny_models import build_sd15, build_sdxl, make_conds, make_lora_patches
+
+REL_TOL = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_pool_after_module():
+    yield
+    from hires_parallel.parallel.pool import shutdown_pool
+
+    shutdown_pool()
+
+
+def _latent(h=40, w=32):
+    return {"samples": torch.zeros(1, 4, h, w)}
+
+
+def _reference(model, conds, latent, seed=5, steps=3, cfg=5.0, sampler="euler", scheduler="karras"):
+    import nodes
+
+    return nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, conds[0], conds[1], latent)[0]["samples"]
+
+
+def _parallel(model, conds, latent, devices=2, cfg_parallel="off", seed=5, steps=3, cfg=5.0, sampler="euler",
+              scheduler="karras"):
+    from hires_parallel.nodes.parallel_sampler import HiResParallelPatchParallelKSampler
+
+    out = HiResParallelPatchParallelKSampler.execute(model, seed, steps, cfg, sampler, scheduler, conds[0], conds[1],
+                                                     latent, 1.0, devices, "cpu", "exact", cfg_parallel)
+    return out.result[0]["samples"]
+
+
+def _compare(label, a, b):
+    assert a.shape == b.shape
+    err, scale = (a - b).abs().max().item(), b.abs().max().item()
+    print(f"\n[exact] {label}: max abs error {err:.3g} (max|ref| {scale:.3g}, relative {err / scale:.2g})")
+    assert err <= REL_TOL * scale, f"{label}: {err}"
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return build_sd15(seed=0)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_sde"])
+def test_ksampler_two_cpu_devices_equals_comfy_ksampler(sd15, sampler):
+    conds = make_conds(sd15, seed=1)
+    latent = _latent(44, 32)  # 44 rows over 2 bands aligned to 4: uneven split
+    _compare(f"sd15 {sampler} 2 ranks", _parallel(sd15, conds, latent, sampler=sampler), _reference(sd15, conds, latent, sampler=sampler))
+
+
+def test_lora_and_cfg_parallel_and_sdxl():
+    lora = make_lora_patches(build_sd15(seed=0), seed=3)
+    conds = make_conds(lora, seed=1)
+    latent = _latent(36, 28)
+    _compare("sd15+lora cfg_parallel 2 ranks", _parallel(lora, conds, latent, cfg_parallel="on"),
+             _reference(lora, conds, latent))
+    xl = build_sdxl(seed=0)
+    xconds = make_conds(xl, seed=2)
+    _compare("sdxl 2 ranks", _parallel(xl, xconds, latent), _reference(xl, xconds, latent))
+
+
+def test_guider_in_sampler_custom_advanced_with_block_noise(sd15):
+    from comfy_extras.nodes_custom_sampler import CFGGuider, KSamplerSelect, SamplerCustomAdvanced
+    from hires_parallel.nodes.parallel_sampler import HiResParallelPatchParallelGuider
+    from hires_parallel.nodes.relay import HiResParallelBlockNoise, HiResParallelRelaySigmas
+
+    conds = make_conds(sd15, seed=1)
+    latent = {"samples": torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))}
+    sigmas = HiResParallelRelaySigmas.execute(sd15, "karras", 3, "timestep", 500.0).result[0]
+    noise = HiResParallelBlockNoise.execute(3, 4, 0.3, True, "box").result[0]
+    sampler = KSamplerSelect().get_sampler("dpmpp_2m")[0]
+    guider = HiResParallelPatchParallelGuider.execute(sd15, conds[0], conds[1], 5.0, 2, "cpu", "exact", "auto").result[0]
+    out, denoised = SamplerCustomAdvanced().sample(noise, guider, sampler, sigmas, latent)
+    ref, ref_denoised = SamplerCustomAdvanced().sample(noise, CFGGuider().get_guider(sd15, *conds, 5.0)[0], sampler,
+                                                       sigmas, latent)
+    _compare("guider + block noise, cfg_parallel auto", out["samples"], ref["samples"])
+    _compare("guider denoised output", denoised["samples"], ref_denoised["samples"])
+
+
+def test_second_job_reuses_the_cached_model_and_pool(sd15):
+    from hires_parallel.parallel import submit
+    from hires_parallel.parallel.pool import current_pool
+
+    conds = make_conds(sd15, seed=1)
+    t0 = time.perf_counter()
+    _parallel(sd15, conds, _latent(32, 32), seed=1)
+    t1 = time.perf_counter()
+    pids = current_pool().status()["pids"]
+    loads = [r["base_model_loads"] for r in submit.LAST_RUN["ranks"]]
+    _parallel(sd15, conds, _latent(32, 32), seed=2)
+    t2 = time.perf_counter()
+    print(f"\n[pool] first job {t1 - t0:.2f} s, second job {t2 - t1:.2f} s")
+    assert current_pool().status()["pids"] == pids
+    assert [r["base_model_loads"] for r in submit.LAST_RUN["ranks"]] == loads, "the second job loaded the model again"
+    comm = submit.LAST_RUN["ranks"][0]["comm"]
+    print(f"[pool] rank 0 comm: {comm}")
+
+
+def _interrupt_at_step(n):
+    import comfy.model_management
+    import comfy.utils
+
+    def hook(value, total, preview, node_id=None):
+        if value >= n:
+            comfy.model_management.interrupt_current_processing(True)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    return hook
+
+
+def test_cancel_stops_the_workers_and_the_next_job_runs(sd15):
+    import comfy.model_management
+    import comfy.utils
+
+    conds = make_conds(sd15, seed=1)
+    old = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(_interrupt_at_step(2))
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            _parallel(sd15, conds, _latent(), steps=30)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
+        comfy.model_management.interrupt_current_processing(False)
+    print(f"\n[cancel] raised after {time.perf_counter() - t0:.2f} s")
+    _compare("after cancel", _parallel(sd15, conds, _latent()), _reference(sd15, conds, _latent()))
+
+
+def test_killed_worker_gives_a_clear_error_and_the_pool_recovers(sd15):
+    import comfy.utils
+    from hires_parallel.parallel.pool import current_pool
+    from hires_parallel.parallel.protocol import WorkerDied
+
+    conds = make_conds(sd15, seed=1)
+    _parallel(sd15, conds, _latent(32, 32))  # warm
+    victim = current_pool().status()["pids"][1]
+    old_pids = set(current_pool().status()["pids"])
+    old = comfy.utils.PROGRESS_BAR_HOOK
+
+    def hook(value, total, preview, node_id=None):
+        if value == 1:
+            os.kill(victim, signal.SIGKILL)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(WorkerDied, match="rank 1"):
+            _parallel(sd15, conds, _latent(), steps=30)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
+    for pid in old_pids:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    _compare("after a dead worker", _parallel(sd15, conds, _latent()), _reference(sd15, conds, _latent()))
+    assert not old_pids & set(current_pool().status()["pids"])
+
+
+def test_bad_input_is_refused_before_any_work(sd15):
+    from hires_parallel.parallel.payload import UnshippablePatch
+    from hires_parallel.parallel.submit import ParallelInputError
+    from hires_parallel.parallel.unet_parallel import UnsupportedModel
+    from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
+
+    conds = make_conds(sd15, seed=1)
+    with pytest.raises(ParallelInputError, match="use at most 2 devices|at most"):
+        _parallel(sd15, conds, _latent(8, 32), devices=3)
+    with pytest.raises(ParallelInputError, match="even number of devices"):
+        _parallel(sd15, conds, _latent(48, 32), devices=3, cfg_parallel="on")
+    shrink = PatchModelAddDownscale.execute(sd15, 3, 2.0, 0.0, 0.35, True, "bicubic", "bicubic").result[0]
+    with pytest.raises(UnsupportedModel, match="use 1 device"):
+        _parallel(shrink, conds, _latent())
+    lam = sd15.clone()
+    lam.set_model_sampler_cfg_function(lambda args: args["cond"])  # a closure: cannot be pickled
+    with pytest.raises(UnshippablePatch, match="sampler_cfg_function"):
+        _parallel(lam, conds, _latent())
+    from hires_parallel.parallel.pool import current_pool
+
+    pool = current_pool()
+    assert pool is None or pool.status().get("last_error") in (None, "")
