@@ -47,18 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
     sigmas = comfy.samplers.KSampler(model, args.steps, "cpu", "euler", "karras", 1.0).sigmas
 
-    def run(devices: list[str], threads: int) -> tuple[torch.Tensor, dict]:
+    def run(devices: list[str], threads: int, cfg_parallel: str = "off") -> tuple[torch.Tensor, dict]:
         torch.set_num_threads(threads)
         out = submit.run_sampling(model, pos, neg, 5.0, noise, latent, sigmas, SamplerSpec(name="euler"), 0, None,
-                                  devices, cfg_parallel="off")
+                                  devices, cfg_parallel=cfg_parallel)
         return out, json.loads(json.dumps(submit.LAST_RUN, default=str))
 
-    configs = [("1 rank x 2 threads", ["cpu"], 2), ("1 rank x 1 thread", ["cpu"], 1), ("2 ranks x 1 thread", ["cpu", "cpu"], 1)]
+    configs = [("1 rank x 2 threads", ["cpu"], 2, "off"), ("1 rank x 1 thread", ["cpu"], 1, "off"),
+               ("2 ranks x 1 thread", ["cpu", "cpu"], 1, "off"), ("2 ranks x 1 thread, CFG par.", ["cpu", "cpu"], 1, "on")]
     rows, ref = [], None
     run(["cpu", "cpu"], 1)  # start the pool and cache the model: start-up is not what is measured
-    for label, devices, threads in configs:
+    for label, devices, threads, cfg_par in configs:
         t0 = time.perf_counter()
-        out, last = run(devices, threads)
+        out, last = run(devices, threads, cfg_par)
         wall = time.perf_counter() - t0
         ref = out if ref is None else ref
         rank0 = last["ranks"][0]
@@ -75,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     base2 = next(r for r in rows if r["config"] == "1 rank x 2 threads")["s_per_step"]
     print(f"\nexact patch-parallel, SD-family test UNet ({args.channels} ch), latent {args.size}x{args.size}, "
           f"{args.steps} euler steps, CFG batch 2")
-    print(f"{'config':22s} {'s/step':>8s} {'vs 1x1':>7s} {'vs 1x2':>7s} {'KiB sent/step (rank 0)':>24s} {'max diff':>9s}")
+    print(f"{'config':28s} {'s/step':>8s} {'vs 1x1':>7s} {'vs 1x2':>7s} {'KiB sent/step (rank 0)':>24s} {'max diff':>9s}")
     for r in rows:
         r["speedup_vs_1rank_1thread"] = round(base1 / r["s_per_step"], 2)
         r["speedup_vs_1rank_2threads"] = round(base2 / r["s_per_step"], 2)
         kib = sum(r["bytes_sent_per_step_rank0"].values()) / 1024
-        print(f"{r['config']:22s} {r['s_per_step']:8.3f} {r['speedup_vs_1rank_1thread']:7.2f} "
+        print(f"{r['config']:28s} {r['s_per_step']:8.3f} {r['speedup_vs_1rank_1thread']:7.2f} "
               f"{r['speedup_vs_1rank_2threads']:7.2f} {kib:24.1f} {r['max_abs_diff_vs_first']:9.2e}")
     result = {"benchmark": "exact_scaling", "machine": {"cpu_count": __import__("os").cpu_count(),
                                                         "platform": platform.platform(), "torch": torch.__version__},

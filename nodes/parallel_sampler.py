@@ -29,6 +29,9 @@ def _parallel_inputs() -> list:
         io.Combo.Input("cfg_parallel", options=submit.CFG_PARALLEL, default="auto",
                        tooltip="Run the positive and negative prompt on different halves of the devices. auto: on for an "
                                "even number of devices when there is a negative prompt."),
+        io.String.Input("device_weights", default="", optional=True,
+                        tooltip="Optional relative speed per device, in device order, e.g. 2,1 when the first GPU is "
+                                "twice as fast: faster devices get taller bands. Empty = equal bands."),
     ]
 
 
@@ -64,7 +67,7 @@ class HiResParallelPatchParallelKSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,
                 latent_image: dict, denoise: float, devices: int, device_kind: str, mode: str,
-                cfg_parallel: str) -> io.NodeOutput:
+                cfg_parallel: str, device_weights: str = "") -> io.NodeOutput:
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         ks = comfy.samplers.KSampler(model, steps=steps, device="cpu", sampler=sampler_name, scheduler=scheduler,
@@ -76,7 +79,8 @@ class HiResParallelPatchParallelKSampler(io.ComfyNode):
         callback = latent_preview.prepare_callback(model, ks.sigmas.shape[-1] - 1)
         samples = submit.run_sampling(
             model, positive, negative, cfg, noise, latent, ks.sigmas, SamplerSpec(name=sampler_name), seed,
-            latent_image.get("noise_mask"), submit.resolve_devices(devices, device_kind), cfg_parallel, mode, callback)
+            latent_image.get("noise_mask"), submit.resolve_devices(devices, device_kind), cfg_parallel, mode, callback,
+            device_weights)
         out["samples"] = samples.to(comfy.model_management.intermediate_device())
         return io.NodeOutput(out)
 
@@ -84,9 +88,9 @@ class HiResParallelPatchParallelKSampler(io.ComfyNode):
 class PatchParallelGuider(comfy.samplers.CFGGuider):
     """CFGGuider whose sampling runs through the patch-parallel runtime."""
 
-    def __init__(self, model_patcher, devices: list[str], cfg_parallel: str, mode: str):
+    def __init__(self, model_patcher, devices: list[str], cfg_parallel: str, mode: str, device_weights: str = ""):
         super().__init__(model_patcher)
-        self.devices, self.cfg_parallel, self.mode = devices, cfg_parallel, mode
+        self.devices, self.cfg_parallel, self.mode, self.device_weights = devices, cfg_parallel, mode, device_weights
         self.raw_positive = self.raw_negative = None
 
     def set_conds(self, positive, negative):
@@ -100,7 +104,7 @@ class PatchParallelGuider(comfy.samplers.CFGGuider):
         spec = SamplerSpec(obj=sampler) if len(self.devices) == 1 else sampler_spec(sampler)
         return submit.run_sampling(self.model_patcher, self.raw_positive, self.raw_negative, self.cfg, noise,
                                    latent_image, sigmas.cpu(), spec, seed, denoise_mask, self.devices,
-                                   self.cfg_parallel, self.mode, callback)
+                                   self.cfg_parallel, self.mode, callback, self.device_weights)
 
 
 class HiResParallelPatchParallelGuider(io.ComfyNode):
@@ -125,8 +129,9 @@ class HiResParallelPatchParallelGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, cfg: float, devices: int, device_kind: str, mode: str,
-                cfg_parallel: str) -> io.NodeOutput:
-        guider = PatchParallelGuider(model, submit.resolve_devices(devices, device_kind), cfg_parallel, mode)
+                cfg_parallel: str, device_weights: str = "") -> io.NodeOutput:
+        guider = PatchParallelGuider(model, submit.resolve_devices(devices, device_kind), cfg_parallel, mode,
+                                     device_weights)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         return io.NodeOutput(guider)

@@ -83,8 +83,26 @@ def close_weight_store() -> None:
             _store = None
 
 
+def band_weights(text: str, plan: ParallelPlan) -> list[float] | None:
+    """Parse "2,1,1" (one relative speed per device, in device order) into one weight per band.
+
+    With CFG parallel the devices holding the same band in the two halves share its size; the slower
+    (smaller) weight counts, since both must finish the band.
+    """
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        per_device = [float(t) for t in text.replace(";", ",").split(",") if t.strip()]
+    except ValueError:
+        raise ParallelInputError(f"device_weights must be numbers separated by commas, like 2,1; got {text!r}.") from None
+    if len(per_device) != plan.world_size or any(w <= 0 for w in per_device):
+        raise ParallelInputError(f"device_weights needs one positive number per device ({plan.world_size}); got {text!r}.")
+    return [min(per_device[r] for r in plan.peer_ranks(b)) for b in range(plan.bands_per_group)]
+
+
 def preflight(model, positive, negative, latent_image: torch.Tensor, devices: list[str], cfg_parallel: str,
-              mode: str) -> ParallelSpec:
+              mode: str, device_weights: str = "") -> ParallelSpec:
     """Every check that needs no heavy work; raises ParallelInputError/UnsupportedModel/UnshippablePatch."""
     world = len(devices)
     if mode not in MODES:
@@ -96,11 +114,12 @@ def preflight(model, positive, negative, latent_image: torch.Tensor, devices: li
 
     check_band_parallel_support(model)
     plan = ParallelPlan(world, spec.cfg_parallel)
+    spec.weights = band_weights(device_weights, plan)
     align = 2 ** (len(model.get_model_object("diffusion_model").channel_mult) - 1)
     if latent_image.ndim != 4:
         raise ParallelInputError(f"Patch-parallel sampling takes image latents (4-D); got shape {tuple(latent_image.shape)}.")
     try:
-        split_rows(int(latent_image.shape[-2]), plan.bands_per_group, align)
+        split_rows(int(latent_image.shape[-2]), plan.bands_per_group, align, spec.weights)
     except LayoutError as e:
         raise ParallelInputError(str(e)) from e
     advice = "Remove the node that adds it, or run with 1 device."
@@ -112,11 +131,12 @@ def preflight(model, positive, negative, latent_image: torch.Tensor, devices: li
 def run_sampling(model, positive, negative, cfg: float, noise: torch.Tensor, latent_image: torch.Tensor,
                  sigmas: torch.Tensor, sampler: SamplerSpec, seed: int | None, denoise_mask, devices: list[str],
                  cfg_parallel: str = "auto", mode: str = "exact",
-                 callback: Callable[[int, torch.Tensor, Any, int], None] | None = None) -> torch.Tensor:
+                 callback: Callable[[int, torch.Tensor, Any, int], None] | None = None,
+                 device_weights: str = "") -> torch.Tensor:
     """Sample like ComfyUI's CFGGuider.sample, with the model evaluation split over `devices`."""
     import comfy.model_management
 
-    spec = preflight(model, positive, negative, latent_image, devices, cfg_parallel, mode)
+    spec = preflight(model, positive, negative, latent_image, devices, cfg_parallel, mode, device_weights)
     interrupted = threading.Event()
 
     def on_progress(event: dict) -> None:
@@ -165,4 +185,5 @@ def run_sampling(model, positive, negative, cfg: float, noise: torch.Tensor, lat
 def _record(devices: list[str], spec: ParallelSpec, seconds: float, stats: list[dict]) -> None:
     LAST_RUN.clear()
     LAST_RUN.update(devices=devices, world_size=spec.world_size, cfg_parallel=spec.cfg_parallel, mode=spec.mode,
+                    band_weights=spec.weights,
                     seconds=round(seconds, 3), ranks=stats, finished=time.time())

@@ -120,7 +120,7 @@ def patch_parallel_ksampler() -> dict:
          "widgets_values": ["blurry, lowres, duplicate, watermark"]},
         {"id": 4, "type": "EmptyLatentImage", "pos": (380, 440), "widgets_values": [2048, 2048, 1]},
         {"id": 5, "type": "HiResParallelPatchParallelKSampler", "pos": (820, 40), "title": "Patch-Parallel KSampler",
-         "widgets_values": [0, "fixed", 30, 7.0, "euler", "karras", 1.0, 0, "auto", "exact", "auto"]},
+         "widgets_values": [0, "fixed", 30, 7.0, "euler", "karras", 1.0, 0, "auto", "exact", "auto", ""]},
         {"id": 6, "type": "VAEDecode", "pos": (1200, 40)},
         {"id": 7, "type": "SaveImage", "pos": (1440, 40), "widgets_values": ["HiResParallel_patch_parallel"]},
     ]

@@ -38,11 +38,12 @@ def _reference(model, conds, latent, seed=5, steps=3, cfg=5.0, sampler="euler", 
 
 
 def _parallel(model, conds, latent, devices=2, cfg_parallel="off", seed=5, steps=3, cfg=5.0, sampler="euler",
-              scheduler="karras"):
+              scheduler="karras", device_weights=""):
     from hires_parallel.nodes.parallel_sampler import HiResParallelPatchParallelKSampler
 
     out = HiResParallelPatchParallelKSampler.execute(model, seed, steps, cfg, sampler, scheduler, conds[0], conds[1],
-                                                     latent, 1.0, devices, "cpu", "exact", cfg_parallel)
+                                                     latent, 1.0, devices, "cpu", "exact", cfg_parallel,
+                                                     device_weights)
     return out.result[0]["samples"]
 
 
@@ -74,6 +75,18 @@ def test_lora_and_cfg_parallel_and_sdxl():
     xl = build_sdxl(seed=0)
     xconds = make_conds(xl, seed=2)
     _compare("sdxl 2 ranks", _parallel(xl, xconds, latent), _reference(xl, xconds, latent))
+
+
+def test_three_cpu_devices_with_device_weights(sd15):
+    from hires_parallel.parallel import submit
+
+    conds = make_conds(sd15, seed=1)
+    latent = _latent(52, 24)
+    _compare("sd15 3 ranks, weights 1,2,1", _parallel(sd15, conds, latent, devices=3, device_weights="1,2,1"),
+             _reference(sd15, conds, latent))
+    assert submit.LAST_RUN["band_weights"] == [1.0, 2.0, 1.0]
+    with pytest.raises(submit.ParallelInputError, match="one positive number per device"):
+        _parallel(sd15, conds, latent, devices=3, device_weights="1,2")
 
 
 def test_guider_in_sampler_custom_advanced_with_block_noise(sd15):
