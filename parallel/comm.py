@@ -353,17 +353,25 @@ class BandGroup:
 
 
 def gather_batch(
-    x: torch.Tensor, group: Any = None, stats: CommStats | None = None, kind: str = "batch"
+    x: torch.Tensor, group: Any = None, stats: CommStats | None = None, kind: str = "batch",
+    sizes: list[int] | None = None,
 ) -> torch.Tensor:
     """All-gather along dim 0 between batch groups (CFG parallel: cond on one group, uncond
-    on another), in the group's rank order. Shapes must be equal on every rank. ``group``
-    covers the peer ranks (``ParallelPlan.peer_ranks``); without torch.distributed or with a
-    group of one, ``x`` comes back unchanged."""
+    on another), in the group's rank order. ``sizes`` gives every group's batch when they differ
+    (padded to the largest for the collective, trimmed after). ``group`` covers the peer ranks
+    (``ParallelPlan.peer_ranks``); without torch.distributed or with a group of one, ``x`` comes
+    back unchanged."""
     if not (dist.is_available() and dist.is_initialized()):
         return x
     size = dist.get_world_size(group)
     if size == 1:
         return x
+    if sizes is not None and len(set(sizes)) > 1:
+        pad = max(sizes) - x.shape[0]
+        xp = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) if pad else x
+        full = gather_batch(xp, group, stats, kind)
+        chunks = full.split(max(sizes), dim=0)
+        return torch.cat([c[:n] for c, n in zip(chunks, sizes)], dim=0)
     x = x.contiguous()
     bufs = [torch.empty_like(x) for _ in range(size)]
     if stats is not None:

@@ -80,14 +80,24 @@ def split_rows(
 @dataclass(frozen=True)
 class ParallelPlan:
     """Rank layout: ``batch_groups`` copies of a band split (CFG parallel puts cond and
-    uncond on different groups), ``rank = batch_group * bands_per_group + band_index``."""
+    uncond on different groups), ``rank = batch_group * bands_per_group + band_index``.
+
+    ``batch_split`` > 0 sets the number of batch groups directly (it must divide the world size):
+    each UNet call's batch is cut into that many chunks, e.g. ``batch_split = world_size`` spreads a
+    batch of views or of time steps over all ranks with no bands at all.
+    """
 
     world_size: int
     cfg_parallel: bool = False
+    batch_split: int = 0
 
     def __post_init__(self) -> None:
         if int(self.world_size) != self.world_size or self.world_size < 1:
             raise LayoutError(f"world_size must be a positive integer, got {self.world_size!r}")
+        if self.batch_split:
+            if self.batch_split < 1 or self.world_size % self.batch_split:
+                raise LayoutError(f"batch_split {self.batch_split} must divide the {self.world_size} devices")
+            return
         if self.cfg_parallel and self.world_size > 1 and self.world_size % 2:
             raise LayoutError(
                 f"CFG parallel splits the devices into a cond half and an uncond half, "
@@ -97,6 +107,8 @@ class ParallelPlan:
 
     @property
     def batch_groups(self) -> int:
+        if self.batch_split:
+            return self.batch_split
         return 2 if self.cfg_parallel and self.world_size >= 2 else 1
 
     @property

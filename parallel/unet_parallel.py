@@ -438,13 +438,22 @@ class BandParallelRuntime:
             self._bands[height] = band
         return band
 
+    def batch_sizes(self, batch: int) -> list[int] | None:
+        """How many samples each batch group computes (as equal as possible), or None when every
+        group computes the whole batch (one group, or fewer samples than groups, e.g. cfg 1 with CFG
+        parallel)."""
+        groups = self.plan.batch_groups
+        if groups == 1 or batch < groups:
+            return None
+        return [batch // groups + (1 if g < batch % groups else 0) for g in range(groups)]
+
     def batch_slice(self, batch: int) -> tuple[int, int] | None:
         """Samples ``[lo, hi)`` this rank's batch group computes, or None for the whole batch."""
-        groups = self.plan.batch_groups
-        if groups == 1 or batch % groups:
-            return None  # odd batches (e.g. cfg 1): every group computes all of it
-        per = batch // groups
-        return self.batch_group * per, (self.batch_group + 1) * per
+        sizes = self.batch_sizes(batch)
+        if sizes is None:
+            return None
+        lo = sum(sizes[: self.batch_group])
+        return lo, lo + sizes[self.batch_group]
 
     # -------------------------------------------------------------- the DIFFUSION_MODEL wrapper
     def diffusion_model_wrapper(
@@ -499,7 +508,7 @@ class BandParallelRuntime:
             out = executor(x[..., s:e, :], timesteps, context, y, control, to, **kwargs)
         out = band.gather_rows(out, sizes=band.heights)
         if cut is not None:
-            out = gather_batch(out, self.peer_group, self.stats)
+            out = gather_batch(out, self.peer_group, self.stats, sizes=self.batch_sizes(batch))
 
         sigma = transformer_options.get("sigmas")
         self.calls.append({
