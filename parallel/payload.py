@@ -10,14 +10,18 @@ What cannot be pickled (a patch function defined inside another node, say) is na
 """
 from __future__ import annotations
 
+import collections
+import copyreg
 import hashlib
+import io
 import os
 import pickle
 import tempfile
 import threading
+import types
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -113,8 +117,11 @@ def base_state_dict(model) -> dict[str, torch.Tensor]:
 
 def base_key(model) -> str:
     """Identity of the base weights: the BaseModel object plus a cheap content sample, unpatched."""
-    sd = base_state_dict(model)
-    h = hashlib.sha1(f"{type(model.model).__qualname__}:{id(model.model)}:{len(sd)}".encode())
+    return _weights_key(model.model, base_state_dict(model))
+
+
+def _weights_key(module: Any, sd: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha1(f"{type(module).__qualname__}:{id(module)}:{len(sd)}".encode())
     keys = sorted(sd)
     for k in keys[:: max(1, len(keys) // 8)]:
         t = sd[k]
@@ -125,27 +132,50 @@ def base_key(model) -> str:
 
 
 class WeightStore:
-    """Files of base weights for the workers, one per base model, removed when the pool goes away."""
+    """Files of weights for the workers, one per model, in groups ("base", "control") that are each kept
+    to the newest few; removed when the pool goes away."""
 
     def __init__(self) -> None:
         root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
         self.dir = tempfile.mkdtemp(prefix="hires_parallel_weights_", dir=root)
         self.files: dict[str, str] = {}
-        self.lock = threading.Lock()
+        self.groups: dict[str, list[str]] = {}  # group -> keys, least recently used first
+        self.lock = threading.RLock()
 
     def file_for(self, model, key: str, keep: int = 2) -> str:
+        with self.lock:
+            path = self.file_for_data(key, lambda: {k: v.detach().cpu() for k, v in base_state_dict(model).items()},
+                                      "base")
+            self.trim("base", keep, pinned={key})  # bounded: the newest base models only
+            return path
+
+    def file_for_data(self, key: str, make: Callable[[], dict], group: str) -> str:
+        """The file for `key`, written from make() (anything torch.load(weights_only=True) reads) when new."""
         with self.lock:
             if key not in self.files:
                 path = os.path.join(self.dir, f"{key}.pt")
                 tmp = path + f".{uuid.uuid4().hex}.tmp"
-                torch.save({k: v.detach().cpu() for k, v in base_state_dict(model).items()}, tmp)
+                torch.save(make(), tmp)
                 os.replace(tmp, path)
                 self.files[key] = path
-                for old in list(self.files)[:-keep]:  # bounded: the newest base models only
-                    self._remove(old)
+            order = self.groups.setdefault(group, [])
+            if key in order:
+                order.remove(key)
+            order.append(key)
             return self.files[key]
 
+    def trim(self, group: str, keep: int, pinned: Iterable[str] = ()) -> None:
+        """Remove the least recently used files of `group` beyond `keep`, never one in `pinned` (the job's own)."""
+        pinned = set(pinned)
+        with self.lock:
+            order = self.groups.get(group, [])
+            for old in [k for k in order if k not in pinned][: max(0, len(order) - keep)]:
+                self._remove(old)
+
     def _remove(self, key: str) -> None:
+        for order in self.groups.values():
+            if key in order:
+                order.remove(key)
         path = self.files.pop(key, None)
         if path and os.path.exists(path):
             os.remove(path)
@@ -216,3 +246,237 @@ def build_model(payload: ModelPayload, cache: dict):
         k: (v.rebuild() if isinstance(v, _ShippedModelSampling) else v) for k, v in payload.object_patches.items()
     }
     return patcher
+
+
+# ---------------------------------------------------------------------------------------- ControlNets
+
+_UNSUPPORTED = "is not supported by patch-parallel sampling yet: run with 1 device"
+# ControlNet attributes that are not plain settings: shipped apart (the model, the chain), rebuilt in the
+# worker (load_device is the worker's own), or refused when set (vae, hooks, a custom preprocess_image).
+_CONTROL_SPECIAL = frozenset({
+    "control_model", "control_model_wrapped", "load_device", "previous_controlnet", "preprocess_image", "vae",
+    "extra_hooks",
+})
+# Per-run state that pre_run / get_control set and cleanup clears: never shipped, rebuilt by the run.
+_CONTROL_RUNTIME = frozenset({"cond_hint", "extra_concat", "timestep_range", "model_sampling_current"})
+# ComfyUI's load bookkeeping (ModelPatcher.__init__ / load / lowvram) on a control model's modules: a
+# module rebuilt in a worker must start unloaded there, whatever the controller's copy went through.
+_ROOT_LOAD_STATE = frozenset({
+    "device", "model_loaded_weight_memory", "lowvram_patch_counter", "model_lowvram", "current_weight_patches_uuid",
+})
+_MODULE_LOAD_STATE = frozenset({"comfy_patched_weights", "prev_comfy_cast_weights", "weight_function", "bias_function"})
+_CONTROL_KEEP = 2  # control models kept (controller files, worker cache) beyond those of the current job
+
+
+def _identity(a):
+    return a
+
+
+def _is_identity(fn: Any) -> bool:
+    """True for `lambda a: a` (ControlBase's default preprocess_image, wherever it was written)."""
+    code, ref = getattr(fn, "__code__", None), _identity.__code__
+    return (
+        isinstance(fn, types.FunctionType) and fn.__closure__ is None and code.co_argcount == 1
+        and code.co_kwonlyargcount == 0 and code.co_code == ref.co_code and code.co_consts == ref.co_consts
+    )
+
+
+@dataclass
+class ShippedControlNet:
+    """Pickle form of one comfy.controlnet.ControlNet of a chain (see ship_conditioning)."""
+
+    cls: type
+    model_key: str  # "" when only checked (preflight)
+    model_file: str
+    attrs: dict  # plain settings: cond_hint_original, strength, timestep_percent_range, ...
+    previous: "ShippedControlNet | None" = None
+
+
+class _SkeletonPickler(pickle.Pickler):
+    """Pickles a module's structure without its weights: state-dict tensors become placeholders.
+
+    cldm.ControlNet keeps no constructor config (and its head count cannot be read back from the weights),
+    so the structure itself is shipped; the weights go beside it and are loaded with strict=True.
+    """
+
+    def __init__(self, file: io.BytesIO, root: torch.nn.Module) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.root = root
+        self.names = {id(t): name for name, t in root.state_dict(keep_vars=True).items()}
+
+    def persistent_id(self, obj: Any) -> Any:
+        name = self.names.get(id(obj)) if isinstance(obj, torch.Tensor) else None
+        if name is None:
+            return None
+        return ("hires_parallel_tensor", name, tuple(obj.shape), obj.dtype, isinstance(obj, torch.nn.Parameter),
+                bool(obj.requires_grad))
+
+    def reducer_override(self, obj: Any) -> Any:
+        if not isinstance(obj, torch.nn.Module):
+            return NotImplemented
+        drop = _MODULE_LOAD_STATE | (_ROOT_LOAD_STATE if obj is self.root else frozenset())
+        state = {k: v for k, v in obj.__dict__.items() if k not in drop}
+        if "prev_comfy_cast_weights" in obj.__dict__:  # lowvram switched casting on: undo, as ComfyUI's unload does
+            state["comfy_cast_weights"] = obj.__dict__["prev_comfy_cast_weights"]
+        return copyreg.__newobj__, (type(obj),), state
+
+
+class _SkeletonUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self.made: dict[str, torch.Tensor] = {}
+
+    def persistent_load(self, pid: Any) -> Any:
+        tag, name, shape, dtype, is_param, requires_grad = pid
+        if tag != "hires_parallel_tensor":
+            raise pickle.UnpicklingError(f"unknown placeholder {tag!r}")
+        if name not in self.made:  # tied weights stay tied
+            t = torch.empty(shape, dtype=dtype)
+            self.made[name] = torch.nn.Parameter(t, requires_grad=requires_grad) if is_param else t
+        return self.made[name]
+
+
+def _skeleton(module: torch.nn.Module, where: str) -> bytes:
+    buf = io.BytesIO()
+    try:
+        _SkeletonPickler(buf, module).dump(module)
+    except Exception as exc:  # noqa: BLE001 -- e.g. layers of a class made inside a function (fp8 ops)
+        raise UnshippablePatch(
+            f"{where}: the ControlNet's model ({_describe(module)}) cannot be sent to worker processes "
+            f"({type(exc).__name__}: {exc}); this ControlNet {_UNSUPPORTED}."
+        ) from None
+    return buf.getvalue()
+
+
+def _ship_control(cn: Any, where: str, store: WeightStore | None, memo: dict[int, ShippedControlNet],
+                  keys: list[str]) -> ShippedControlNet:
+    import comfy.cldm.cldm
+    import comfy.controlnet
+
+    if id(cn) in memo:  # shared by positive and negative: stays one object, so ComfyUI batches them alike
+        return memo[id(cn)]
+    if type(cn) is not comfy.controlnet.ControlNet:  # T2IAdapter, ControlLora, ControlNetSD35, ...
+        raise UnshippablePatch(f"{where} carries a {_describe(cn)} control, which {_UNSUPPORTED}.")
+    model = getattr(cn, "control_model", None)
+    if not isinstance(model, comfy.cldm.cldm.ControlNet):
+        raise UnshippablePatch(f"{where} carries a ControlNet whose model is {_describe(model)} (not a UNet "
+                               f"ControlNet, comfy.cldm.cldm.ControlNet), which {_UNSUPPORTED}.")
+    if not _is_identity(getattr(cn, "preprocess_image", _identity)):
+        raise UnshippablePatch(f"{where} carries a ControlNet with a custom preprocess_image "
+                               f"({_describe(cn.preprocess_image)}), which {_UNSUPPORTED}.")
+    if getattr(cn, "vae", None) is not None:
+        raise UnshippablePatch(f"{where} carries a ControlNet that encodes its hint with a VAE, which {_UNSUPPORTED}.")
+    if getattr(cn, "extra_hooks", None) is not None:
+        raise UnshippablePatch(f"{where} carries a ControlNet with hooks, which {_UNSUPPORTED}.")
+    # Every other attribute is a plain setting (generic, so settings of newer ComfyUI versions go along too).
+    attrs = {k: v for k, v in cn.__dict__.items() if k not in _CONTROL_SPECIAL and k not in _CONTROL_RUNTIME}
+    check_picklable(attrs, f"{where}: a ControlNet's settings", f"This ControlNet {_UNSUPPORTED}.")
+    previous = None
+    if cn.previous_controlnet is not None:
+        previous = _ship_control(cn.previous_controlnet, f"{where} (previous ControlNet)", store, memo, keys)
+    key = path = ""
+    if store is None:
+        _skeleton(model, where)  # preflight: fail early on a structure that cannot travel
+    else:
+        sd = base_state_dict(cn.control_model_wrapped)
+        key = "control-" + _weights_key(model, sd)
+        path = store.file_for_data(key, lambda: {"skeleton": _skeleton(model, where),
+                                                 "state_dict": {k: v.detach().cpu() for k, v in sd.items()}},
+                                   "control")
+        keys.append(key)
+    memo[id(cn)] = shipped = ShippedControlNet(type(cn), key, path, attrs, previous)
+    return shipped
+
+
+def _map_controls(conds: list | None, fn: Callable[[Any], Any]) -> list | None:
+    """A copy of a CONDITIONING list with fn applied to each entry's "control" (other entries untouched)."""
+    if conds is None:
+        return None
+    out = []
+    for item in conds:
+        if isinstance(item, (list, tuple)) and len(item) >= 2 and isinstance(item[1], dict) \
+                and item[1].get("control") is not None:
+            extra = dict(item[1])
+            extra["control"] = fn(extra["control"])
+            item = [item[0], extra, *item[2:]]
+        out.append(item)
+    return out
+
+
+def ship_conditioning(positive: list, negative: list | None, store: WeightStore | None) -> tuple[list, list | None]:
+    """positive / negative with every ControlNet replaced by a ShippedControlNet (chains included).
+
+    With store None nothing is written: preflight uses it to raise UnshippablePatch early. ControlNets
+    shared between entries stay shared (one record). Control model files beyond the newest couple that
+    this job does not use are removed.
+    """
+    memo: dict[int, ShippedControlNet] = {}
+    keys: list[str] = []
+    shipped = []
+    for conds, label in ((positive, "the positive conditioning"), (negative, "the negative conditioning")):
+        shipped.append(_map_controls(conds, lambda cn, label=label: _ship_control(cn, label, store, memo, keys)))
+    if store is not None:
+        store.trim("control", _CONTROL_KEEP, pinned=keys)
+    return shipped[0], shipped[1]
+
+
+def _control_model(record: ShippedControlNet, cache: dict):
+    """(module, ModelPatcher) of a control model, from the worker cache or loaded from its file."""
+    import comfy.model_management
+    import comfy.model_patcher
+
+    models: collections.OrderedDict = cache.setdefault("control_models", collections.OrderedDict())
+    if record.model_key not in models:
+        data = torch.load(record.model_file, map_location="cpu", mmap=True, weights_only=True)
+        module = _SkeletonUnpickler(data["skeleton"]).load()
+        module.load_state_dict(data["state_dict"], strict=True)  # copies: the file may go away
+        del data
+        offload = comfy.model_management.unet_offload_device()
+        module.to(offload)
+        # One patcher per control model, kept with it: ComfyUI then finds it loaded in later jobs.
+        patcher = comfy.model_patcher.ModelPatcher(module, load_device=comfy.model_management.get_torch_device(),
+                                                   offload_device=offload)
+        models[record.model_key] = (module, patcher)
+        cache["control_loads"] = cache.get("control_loads", 0) + 1
+    models.move_to_end(record.model_key)
+    return models[record.model_key]
+
+
+def _rebuild_control(record: ShippedControlNet, cache: dict, memo: dict[int, Any]) -> Any:
+    if id(record) in memo:
+        return memo[id(record)]
+    module, patcher = _control_model(record, cache)
+    # As ControlNet.copy() builds it: no new patcher, the shared model, then the settings.
+    cn = record.cls(None, load_device=patcher.load_device, manual_cast_dtype=record.attrs.get("manual_cast_dtype"))
+    cn.control_model = module
+    cn.control_model_wrapped = patcher
+    cn.__dict__.update(record.attrs)
+    if record.previous is not None:
+        cn.set_previous_controlnet(_rebuild_control(record.previous, cache, memo))
+    memo[id(record)] = cn
+    return cn
+
+
+def rebuild_conditioning(positive: list, negative: list | None, cache: dict) -> tuple[list, list | None]:
+    """Worker side of ship_conditioning: real ControlNet objects, control models cached by key in `cache`."""
+    memo: dict[int, Any] = {}
+
+    def rebuild(control: Any) -> Any:
+        return _rebuild_control(control, cache, memo) if isinstance(control, ShippedControlNet) else control
+
+    out = _map_controls(positive, rebuild), _map_controls(negative, rebuild)
+    used = {r.model_key for r in _records(positive) + _records(negative)}
+    models = cache.get("control_models", {})
+    for key in [k for k in models if k not in used][: max(0, len(models) - _CONTROL_KEEP)]:
+        del models[key]  # least recently used first; ComfyUI frees what nothing references any more
+    return out
+
+
+def _records(conds: list | None) -> list[ShippedControlNet]:
+    found: list[ShippedControlNet] = []
+    _map_controls(conds, lambda c: found.append(c) if isinstance(c, ShippedControlNet) else None)
+    for r in list(found):
+        while r.previous is not None:
+            r = r.previous
+            found.append(r)
+    return found

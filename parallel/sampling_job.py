@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .payload import ModelPayload, UnshippablePatch, build_model, check_picklable
+from .payload import ModelPayload, UnshippablePatch, build_model, check_picklable, rebuild_conditioning
 from .protocol import Job, WorkerContext
 
 
@@ -74,7 +74,12 @@ class SamplingJob(Job):
         from .unet_parallel import BandParallelRuntime, apply_band_parallel
 
         t0 = time.perf_counter()
-        model = build_model(self.model, ctx.cache) if isinstance(self.model, ModelPayload) else self.model
+        positive, negative = self.positive, self.negative
+        if isinstance(self.model, ModelPayload):  # shipped: rebuild the model and the conds' ControlNets
+            model = build_model(self.model, ctx.cache)
+            positive, negative = rebuild_conditioning(positive, negative, ctx.cache)
+        else:
+            model = self.model
         t_model = time.perf_counter() - t0
         stats = CommStats()
         if self.parallel.world_size > 1:  # one device: ComfyUI's model as it is, nothing to split
@@ -97,17 +102,18 @@ class SamplingJob(Job):
             model = _agree_on_batching(model, ctx, plan.bands_per_group)
 
         guider = comfy.samplers.CFGGuider(model)
-        if self.negative is None:
-            guider.inner_set_conds({"positive": self.positive})
+        if negative is None:
+            guider.inner_set_conds({"positive": positive})
         else:
-            guider.set_conds(self.positive, self.negative)
+            guider.set_conds(positive, negative)
         guider.set_cfg(self.cfg)
         device = model.load_device
         samples = guider.sample(self.noise, self.latent_image, self.sampler.build(), self.sigmas.to(device),
                                 denoise_mask=self.denoise_mask, callback=callback, disable_pbar=True, seed=self.seed)
         ctx.stats.update(
             rank=ctx.rank, device=str(ctx.device), model_build_s=round(t_model, 3),
-            base_model_loads=ctx.cache.get("base_loads", 0), step_s=[round(s, 4) for s in step_times],
+            base_model_loads=ctx.cache.get("base_loads", 0), control_model_loads=ctx.cache.get("control_loads", 0),
+            step_s=[round(s, 4) for s in step_times],
             comm=stats.as_dict(), steps=len(step_times),
         )
         return {"samples": samples.detach().cpu()} if ctx.rank == 0 else {}

@@ -13,8 +13,9 @@ from typing import Any, Callable
 
 import torch
 
+from . import monitor  # the web panel's live view (web_routes.py); reporting only
 from .layout import LayoutError, ParallelPlan, split_rows
-from .payload import WeightStore, check_picklable, make_payload
+from .payload import WeightStore, check_picklable, make_payload, ship_conditioning
 from .protocol import JobCancelled, JobFailed, WorkerContext
 from .sampling_job import ParallelSpec, SamplerSpec, SamplingJob
 
@@ -123,11 +124,13 @@ def preflight(model, positive, negative, latent_image: torch.Tensor, devices: li
     except LayoutError as e:
         raise ParallelInputError(str(e)) from e
     advice = "Remove the node that adds it, or run with 1 device."
+    positive, negative = ship_conditioning(positive, negative, None)  # ControlNets: checked, nothing written
     check_picklable(positive, "the positive conditioning", advice)
     check_picklable(negative, "the negative conditioning", advice)
     return spec
 
 
+@monitor.watched  # a failed or cancelled run reaches the web panel with a hint
 def run_sampling(model, positive, negative, cfg: float, noise: torch.Tensor, latent_image: torch.Tensor,
                  sigmas: torch.Tensor, sampler: SamplerSpec, seed: int | None, denoise_mask, devices: list[str],
                  cfg_parallel: str = "auto", mode: str = "exact",
@@ -137,9 +140,11 @@ def run_sampling(model, positive, negative, cfg: float, noise: torch.Tensor, lat
     import comfy.model_management
 
     spec = preflight(model, positive, negative, latent_image, devices, cfg_parallel, mode, device_weights)
+    monitor.run_started(devices, spec, int(sigmas.shape[-1]) - 1)
     interrupted = threading.Event()
 
     def on_progress(event: dict) -> None:
+        monitor.run_step(event)
         if callback is None or event.get("step") is None:
             return
         try:
@@ -164,6 +169,7 @@ def run_sampling(model, positive, negative, cfg: float, noise: torch.Tensor, lat
     from .pool import get_pool
 
     payload = make_payload(model, weight_store())
+    positive, negative = ship_conditioning(positive, negative, weight_store())  # ControlNets as records + files
     if any(d.startswith("cuda") for d in devices):  # the workers need the memory ComfyUI's copy holds
         comfy.model_management.unload_all_models()
         comfy.model_management.soft_empty_cache()
@@ -187,3 +193,4 @@ def _record(devices: list[str], spec: ParallelSpec, seconds: float, stats: list[
     LAST_RUN.update(devices=devices, world_size=spec.world_size, cfg_parallel=spec.cfg_parallel, mode=spec.mode,
                     band_weights=spec.weights,
                     seconds=round(seconds, 3), ranks=stats, finished=time.time())
+    monitor.run_finished(LAST_RUN)
