@@ -24,8 +24,10 @@ def _parallel_inputs() -> list:
                        tooltip="auto: CUDA GPUs when present, else CPU processes. cpu: N worker processes on the CPU "
                                "(gloo), to try the pipeline without GPUs."),
         io.Combo.Input("mode", options=submit.MODES, default="exact",
-                       tooltip="exact: neighbours exchange halos, GroupNorm statistics and attention keys/values every "
-                               "layer, so the image equals the single-device image up to float rounding."),
+                       tooltip="exact: the image is cut into row bands that exchange halos, GroupNorm statistics and "
+                               "attention keys/values every layer; equals the single-device image up to float rounding. "
+                               "batch: each model call's batch (images of a batch, cond/uncond, views, time steps) is "
+                               "shared out over the devices; no bands, also exact."),
         io.Combo.Input("cfg_parallel", options=submit.CFG_PARALLEL, default="auto",
                        tooltip="Run the positive and negative prompt on different halves of the devices. auto: on for an "
                                "even number of devices when there is a negative prompt."),

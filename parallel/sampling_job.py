@@ -83,7 +83,8 @@ class SamplingJob(Job):
         t_model = time.perf_counter() - t0
         stats = CommStats()
         if self.parallel.world_size > 1:  # one device: ComfyUI's model as it is, nothing to split
-            plan = ParallelPlan(self.parallel.world_size, self.parallel.cfg_parallel)
+            plan = ParallelPlan(self.parallel.world_size, self.parallel.cfg_parallel,
+                                batch_split=self.parallel.world_size if self.parallel.mode == "batch" else 0)
             align = 2 ** (len(model.get_model_object("diffusion_model").channel_mult) - 1)
             runtime = BandParallelRuntime(plan, ctx.rank, align, weights=self.parallel.weights, stats=stats)
             model = apply_band_parallel(model, runtime)

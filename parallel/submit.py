@@ -23,7 +23,7 @@ log = logging.getLogger("hires_parallel")
 
 DEVICE_KINDS = ["auto", "cuda", "cpu"]
 CFG_PARALLEL = ["auto", "on", "off"]
-MODES = ["exact"]
+MODES = ["exact", "batch"]
 JOB_TIMEOUT_S = 900.0  # no word from rank 0 for this long: the job is declared hung
 
 _store_lock = threading.Lock()
@@ -108,14 +108,17 @@ def preflight(model, positive, negative, latent_image: torch.Tensor, devices: li
     world = len(devices)
     if mode not in MODES:
         raise ParallelInputError(f"mode must be one of {MODES}; got {mode!r}.")
-    spec = ParallelSpec(world, resolve_cfg_parallel(cfg_parallel, world, negative is not None), mode)
+    batch_mode = mode == "batch"  # the batch of every UNet call is cut over the devices; no bands
+    spec = ParallelSpec(world, False if batch_mode else resolve_cfg_parallel(cfg_parallel, world, negative is not None),
+                        mode)
     if world == 1:
         return spec
     from .unet_parallel import check_band_parallel_support
 
     check_band_parallel_support(model)
-    plan = ParallelPlan(world, spec.cfg_parallel)
-    spec.weights = band_weights(device_weights, plan)
+    plan = ParallelPlan(world, spec.cfg_parallel, batch_split=world if batch_mode else 0)
+    if not batch_mode:
+        spec.weights = band_weights(device_weights, plan)
     align = 2 ** (len(model.get_model_object("diffusion_model").channel_mult) - 1)
     if latent_image.ndim != 4:
         raise ParallelInputError(f"Patch-parallel sampling takes image latents (4-D); got shape {tuple(latent_image.shape)}.")

@@ -38,11 +38,11 @@ def _reference(model, conds, latent, seed=5, steps=3, cfg=5.0, sampler="euler", 
 
 
 def _parallel(model, conds, latent, devices=2, cfg_parallel="off", seed=5, steps=3, cfg=5.0, sampler="euler",
-              scheduler="karras", device_weights=""):
+              scheduler="karras", device_weights="", mode="exact"):
     from hires_parallel.nodes.parallel_sampler import HiResParallelPatchParallelKSampler
 
     out = HiResParallelPatchParallelKSampler.execute(model, seed, steps, cfg, sampler, scheduler, conds[0], conds[1],
-                                                     latent, 1.0, devices, "cpu", "exact", cfg_parallel,
+                                                     latent, 1.0, devices, "cpu", mode, cfg_parallel,
                                                      device_weights)
     return out.result[0]["samples"]
 
@@ -87,6 +87,17 @@ def test_three_cpu_devices_with_device_weights(sd15):
     assert submit.LAST_RUN["band_weights"] == [1.0, 2.0, 1.0]
     with pytest.raises(submit.ParallelInputError, match="one positive number per device"):
         _parallel(sd15, conds, latent, devices=3, device_weights="1,2")
+
+
+def test_batch_mode_shares_a_batch_of_images_over_devices(sd15):
+    from hires_parallel.parallel import submit
+
+    conds = make_conds(sd15, seed=1)
+    latent = {"samples": torch.zeros(3, 4, 24, 24)}  # 3 images x (cond, uncond) = 6 per call over 2 devices
+    _compare("batch mode, 3 images, 2 ranks", _parallel(sd15, conds, latent, mode="batch"),
+             _reference(sd15, conds, latent))
+    sent = submit.LAST_RUN["ranks"][0]["comm"]["bytes_sent"]
+    assert sent.get("batch", 0) > 0 and not sent.get("halo") and not sent.get("kv")
 
 
 def test_guider_in_sampler_custom_advanced_with_block_noise(sd15):
