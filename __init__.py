@@ -20,7 +20,14 @@ if __name__ != "hires_parallel" and "hires_parallel" not in sys.modules:
 async def comfy_entrypoint():
     """V3 entry point: ComfyUI calls this to get the extension that lists our nodes."""
     from .nodes import HiResParallelExtension
+    from .web_routes import register
 
+    try:
+        register()  # the web panel's routes; a no-op without a running PromptServer
+    except Exception as e:  # noqa: BLE001 - the nodes must load even if the panel cannot
+        import logging
+
+        logging.getLogger("hires_parallel").warning("HiRes Parallel: web panel routes not registered: %s", e)
     return HiResParallelExtension()
 
 

@@ -6,13 +6,16 @@ except ImportError as exc:  # imported outside ComfyUI with no checkout on sys.p
 
     raise ComfyUINotFound(HOW_TO) from exc
 
+from .asg import ASG_NODES
+from .coop import COOP_NODES
 from .parallel_sampler import PARALLEL_NODES
+from .parataa import PARATAA_NODES
 from .relay import RELAY_NODES
 
 
 class HiResParallelExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*RELAY_NODES, *PARALLEL_NODES]
+        return [*RELAY_NODES, *PARALLEL_NODES, *PARATAA_NODES, *COOP_NODES, *ASG_NODES]
 
 
 __all__ = ["HiResParallelExtension"]

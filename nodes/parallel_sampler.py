@@ -26,6 +26,11 @@ def _parallel_inputs() -> list:
         io.Combo.Input("mode", options=submit.MODES, default="exact",
                        tooltip="exact: the image is cut into row bands that exchange halos, GroupNorm statistics and "
                                "attention keys/values every layer; equals the single-device image up to float rounding. "
+                               "displaced (DistriFusion): after a few exact warmup steps each band reuses what the others "
+                               "sent during the previous step and sends its own in the background, so devices do not "
+                               "wait for each other; nearly the same image, faster on slow links. partial (PCPP): like "
+                               "displaced, but attention only looks at part of the two neighbouring bands, which talk "
+                               "point to point; least traffic, small changes near distant regions. "
                                "batch: each model call's batch (images of a batch, cond/uncond, views, time steps) is "
                                "shared out over the devices; no bands, also exact."),
         io.Combo.Input("cfg_parallel", options=submit.CFG_PARALLEL, default="auto",
@@ -34,7 +39,27 @@ def _parallel_inputs() -> list:
         io.String.Input("device_weights", default="", optional=True,
                         tooltip="Optional relative speed per device, in device order, e.g. 2,1 when the first GPU is "
                                 "twice as fast: faster devices get taller bands. Empty = equal bands."),
+        io.Int.Input("warmup", default=0, min=0, max=10000, optional=True,
+                     tooltip="displaced / partial: exact steps before data of the previous step is reused. "
+                             "0 = auto (10% of the steps, at least 1). More warmup: closer to exact, slower."),
+        io.Float.Input("partial_fraction", default=0.3, min=0.0, max=1.0, step=0.05, optional=True,
+                       tooltip="partial: how much of each neighbouring band (the rows nearest to a band) its attention "
+                               "sees, in the first half of the steps. 0.3 as in the PCPP paper; 1 = whole neighbours."),
+        io.Float.Input("partial_fraction_late", default=-1.0, min=-1.0, max=1.0, step=0.05, optional=True,
+                       tooltip="partial: the same for the second half of the steps (fine detail). "
+                               "-1 = same as partial_fraction."),
+        io.Combo.Input("groupnorm", options=list(submit.GROUPNORM_POLICIES), default="auto", optional=True,
+                       tooltip="displaced / partial: how GroupNorm statistics are shared. corrected: the other bands' "
+                               "statistics of the previous step with this band's fresh ones (no waiting). sync: exact "
+                               "every step (tiny messages, but each one waits); the fix when images come out black or "
+                               "washed out. auto: sync up to 1024x1024 pixels, corrected above."),
     ]
+
+
+def _mode_options(warmup: int, partial_fraction: float, partial_fraction_late: float,
+                  groupnorm: str) -> submit.ModeOptions:
+    return submit.ModeOptions(warmup=warmup, partial_fraction=partial_fraction,
+                              partial_fraction_late=partial_fraction_late, groupnorm=groupnorm)
 
 
 class HiResParallelPatchParallelKSampler(io.ComfyNode):
@@ -46,7 +71,8 @@ class HiResParallelPatchParallelKSampler(io.ComfyNode):
             category="sampling",
             description="KSampler whose every step is split over several devices: the image is cut into row bands, "
                         "one per device, that exchange what they need at each layer. Your model, LoRAs, sampler and "
-                        "scheduler are ComfyUI's own. Exact mode gives the single-device image.",
+                        "scheduler are ComfyUI's own. Exact mode gives the single-device image; displaced and partial "
+                        "modes hide the communication for speed on slower links.",
             inputs=[
                 io.Model.Input("model", tooltip="The model used for denoising (SD1.x/2.x/SDXL UNets; LoRAs apply)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
@@ -69,7 +95,8 @@ class HiResParallelPatchParallelKSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,
                 latent_image: dict, denoise: float, devices: int, device_kind: str, mode: str,
-                cfg_parallel: str, device_weights: str = "") -> io.NodeOutput:
+                cfg_parallel: str, device_weights: str = "", warmup: int = 0, partial_fraction: float = 0.3,
+                partial_fraction_late: float = -1.0, groupnorm: str = "auto") -> io.NodeOutput:
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         ks = comfy.samplers.KSampler(model, steps=steps, device="cpu", sampler=sampler_name, scheduler=scheduler,
@@ -82,7 +109,7 @@ class HiResParallelPatchParallelKSampler(io.ComfyNode):
         samples = submit.run_sampling(
             model, positive, negative, cfg, noise, latent, ks.sigmas, SamplerSpec(name=sampler_name), seed,
             latent_image.get("noise_mask"), submit.resolve_devices(devices, device_kind), cfg_parallel, mode, callback,
-            device_weights)
+            device_weights, _mode_options(warmup, partial_fraction, partial_fraction_late, groupnorm))
         out["samples"] = samples.to(comfy.model_management.intermediate_device())
         return io.NodeOutput(out)
 
@@ -90,9 +117,11 @@ class HiResParallelPatchParallelKSampler(io.ComfyNode):
 class PatchParallelGuider(comfy.samplers.CFGGuider):
     """CFGGuider whose sampling runs through the patch-parallel runtime."""
 
-    def __init__(self, model_patcher, devices: list[str], cfg_parallel: str, mode: str, device_weights: str = ""):
+    def __init__(self, model_patcher, devices: list[str], cfg_parallel: str, mode: str, device_weights: str = "",
+                 options: submit.ModeOptions | None = None):
         super().__init__(model_patcher)
         self.devices, self.cfg_parallel, self.mode, self.device_weights = devices, cfg_parallel, mode, device_weights
+        self.options = options
         self.raw_positive = self.raw_negative = None
 
     def set_conds(self, positive, negative):
@@ -106,7 +135,7 @@ class PatchParallelGuider(comfy.samplers.CFGGuider):
         spec = SamplerSpec(obj=sampler) if len(self.devices) == 1 else sampler_spec(sampler)
         return submit.run_sampling(self.model_patcher, self.raw_positive, self.raw_negative, self.cfg, noise,
                                    latent_image, sigmas.cpu(), spec, seed, denoise_mask, self.devices,
-                                   self.cfg_parallel, self.mode, callback, self.device_weights)
+                                   self.cfg_parallel, self.mode, callback, self.device_weights, self.options)
 
 
 class HiResParallelPatchParallelGuider(io.ComfyNode):
@@ -131,9 +160,11 @@ class HiResParallelPatchParallelGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, cfg: float, devices: int, device_kind: str, mode: str,
-                cfg_parallel: str, device_weights: str = "") -> io.NodeOutput:
+                cfg_parallel: str, device_weights: str = "", warmup: int = 0, partial_fraction: float = 0.3,
+                partial_fraction_late: float = -1.0, groupnorm: str = "auto") -> io.NodeOutput:
         guider = PatchParallelGuider(model, submit.resolve_devices(devices, device_kind), cfg_parallel, mode,
-                                     device_weights)
+                                     device_weights, _mode_options(warmup, partial_fraction, partial_fraction_late,
+                                                                   groupnorm))
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         return io.NodeOutput(guider)
@@ -155,8 +186,8 @@ class HiResParallelPoolStatus(io.ComfyNode):
             node_id="HiResParallelPoolStatus",
             display_name="Parallel Pool Status",
             category="sampling/hires_parallel",
-            description="Shows the worker pool: devices, whether it is warm, and the last run's time per step and bytes "
-                        "communicated per rank.",
+            description="Shows the worker pool: devices, whether it is warm, and the last run's time per step, and "
+                        "bytes sent / received and time waiting on communication per step and per rank, by kind.",
             inputs=[io.Int.Input("refresh", default=0, min=0, max=0xFFFFFFFF,
                                  tooltip="Any value; change it (or queue again) to read the status anew.")],
             outputs=[io.String.Output(display_name="status")],

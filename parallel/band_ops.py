@@ -8,6 +8,7 @@ band tensor as it flows through the model and never tracks the downsampling fact
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -15,7 +16,18 @@ import torch.nn.functional as F
 
 from .comm import BandGroup
 
-__all__ = ["band_conv2d", "band_group_norm", "band_kv", "band_slice", "conv_halo_rows"]
+__all__ = [
+    "ConvGeometry",
+    "band_conv2d",
+    "band_conv_geometry",
+    "band_group_norm",
+    "band_kv",
+    "band_slice",
+    "conv_band_rows",
+    "conv_halo_rows",
+    "group_norm_from_sums",
+    "group_norm_sums",
+]
 
 
 def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -51,29 +63,31 @@ def conv_halo_rows(kernel_h: int, stride_h: int, padding_h: int, dilation_h: int
     return padding_h, max(0, k_eff - padding_h - stride_h)
 
 
-def band_conv2d(
+@dataclass(frozen=True)
+class ConvGeometry:
+    """What a band needs to know to run one conv on its rows: the conv's arguments with padding
+    resolved, and the halo rows it needs from the previous (``top``) and next (``bottom``) band."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    top: int
+    bottom: int
+
+
+def band_conv_geometry(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor | None,
     stride: int | Sequence[int],
     padding: int | Sequence[int] | str,
     dilation: int | Sequence[int],
     groups: int,
     band: BandGroup,
     full_height: int | None = None,
-    *,
     padding_mode: str = "zeros",
-    kind: str = "halo",
-) -> torch.Tensor:
-    """This band's rows of ``F.conv2d(full_x, weight, bias, stride, padding, dilation, groups)``.
-
-    Band ``[s, e)`` of the input gives output rows ``[s/stride, e/stride)``; the last band
-    runs to the full output height ``floor((H + 2p - k_eff)/stride) + 1``, which follows from
-    its own height because its start is a multiple of the stride. Halo rows come from the
-    neighbours at the same level; zero rows stand in at the image edges. ``full_height``
-    (the whole input's height at this level), when known, is checked against the bands.
-    Arguments mirror ``nn.Conv2d``'s attributes; only zeros padding is supported.
-    """
+) -> ConvGeometry:
+    """Check that a conv can run on this band's rows and resolve its geometry (see ``band_conv2d``)."""
     if padding_mode != "zeros":
         raise NotImplementedError(
             f"band_conv2d supports padding_mode='zeros' only, got {padding_mode!r} "
@@ -105,20 +119,125 @@ def band_conv2d(
             f"band {j} has {hj} rows at this level, not a multiple of the conv stride {sh}; "
             f"split the latent with an alignment that covers every downsampling of the model"
         )
-
-    if band.size == 1:
-        return F.conv2d(x, weight, bias, (sh, sw), (ph, pw), (dh, dw), groups)
     top, bottom = conv_halo_rows(kh, sh, ph, dh)
-    xh = band.halo(x, top, bottom, kind=kind)
+    return ConvGeometry((sh, sw), (ph, pw), (dh, dw), int(groups), top, bottom)
+
+
+def conv_band_rows(
+    x: torch.Tensor,
+    above: torch.Tensor | None,
+    below: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    geo: ConvGeometry,
+    band: BandGroup,
+) -> torch.Tensor:
+    """This band's output rows of a conv, given the halo rows (None: zeros, as at an image edge).
+
+    The halo rows may come from anywhere: a fresh exchange (exact), the previous step (displaced),
+    or the full input every rank holds."""
+    h = x.shape[-2]
+    shape = list(x.shape)
+    parts = []
+    if geo.top:
+        parts.append(above if above is not None else x.new_zeros(shape[:-2] + [geo.top, shape[-1]]))
+    parts.append(x)
+    if geo.bottom:
+        parts.append(below if below is not None else x.new_zeros(shape[:-2] + [geo.bottom, shape[-1]]))
+    xh = torch.cat(parts, dim=-2) if len(parts) > 1 else x
+    sh = geo.stride[0]
+    ph, pw = geo.padding
     if band.is_last:
         # The image's own bottom edge: exactly ph zero rows, whatever the neighbours exchanged.
-        xh = xh[..., : top + h, :]
+        xh = xh[..., : geo.top + h, :]
         if ph:
             xh = F.pad(xh, (0, 0, 0, ph))
-    y = F.conv2d(xh, weight, bias, (sh, sw), (0, pw), (dh, dw), groups)
+    y = F.conv2d(xh, weight, bias, geo.stride, (0, pw), geo.dilation, geo.groups)
     if not band.is_last:
         y = y[..., : h // sh, :]
     return y
+
+
+def band_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int | Sequence[int],
+    padding: int | Sequence[int] | str,
+    dilation: int | Sequence[int],
+    groups: int,
+    band: BandGroup,
+    full_height: int | None = None,
+    *,
+    padding_mode: str = "zeros",
+    kind: str = "halo",
+) -> torch.Tensor:
+    """This band's rows of ``F.conv2d(full_x, weight, bias, stride, padding, dilation, groups)``.
+
+    Band ``[s, e)`` of the input gives output rows ``[s/stride, e/stride)``; the last band
+    runs to the full output height ``floor((H + 2p - k_eff)/stride) + 1``, which follows from
+    its own height because its start is a multiple of the stride. Halo rows come from the
+    neighbours at the same level; zero rows stand in at the image edges. ``full_height``
+    (the whole input's height at this level), when known, is checked against the bands.
+    Arguments mirror ``nn.Conv2d``'s attributes; only zeros padding is supported.
+    """
+    geo = band_conv_geometry(x, weight, stride, padding, dilation, groups, band, full_height, padding_mode)
+    if band.size == 1:
+        return F.conv2d(x, weight, bias, geo.stride, geo.padding, geo.dilation, geo.groups)
+    above, below = band.halo_parts(x, geo.top, geo.bottom, kind=kind)
+    return conv_band_rows(x, above, below, weight, bias, geo, band)
+
+
+def group_norm_sums(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x grouped as (B, G, -1) in the compute dtype, this band's float64 [sum (B*G), sum of squares
+    (B*G), count]). Local statistics come from ``var_mean`` (two-pass, stable) and are turned into
+    sums in float64, so no float64 copy of the activation is made."""
+    b, c = x.shape[:2]
+    if c % num_groups:
+        raise ValueError(f"{c} channels do not split into {num_groups} groups")
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    xg = x.reshape(b, num_groups, -1).to(compute)
+    n_local = xg.shape[-1]
+    var, mean = torch.var_mean(xg, dim=-1, correction=0)
+    mean64, var64 = mean.double(), var.double()
+    count = torch.full((1,), float(n_local), dtype=torch.float64, device=x.device)
+    return xg, torch.cat([(mean64 * n_local).flatten(), ((var64 + mean64 * mean64) * n_local).flatten(), count])
+
+
+def group_norm_from_sums(
+    x: torch.Tensor,
+    xg: torch.Tensor,
+    total: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    local: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Normalise this band with whole-image sums ``total`` (layout of ``group_norm_sums``).
+
+    ``local`` (this band's own sums) is the fallback where ``total`` gives a negative variance,
+    which happens when ``total`` mixes statistics of different steps (displaced mode); without
+    it the variance is clamped at 0 (exact sums can only go negative by rounding)."""
+    b, groups = xg.shape[:2]
+    k = b * groups
+    n = total[-1]
+    full_mean = total[:k] / n
+    full_var = total[k : 2 * k] / n - full_mean * full_mean
+    if local is not None:
+        own_mean = local[:k] / local[-1]
+        own_var = (local[k : 2 * k] / local[-1] - own_mean * own_mean).clamp_min(0)
+        full_var = torch.where(full_var < 0, own_var, full_var)
+    full_var = full_var.clamp_min(0)
+    rstd = torch.rsqrt(full_var + eps)
+    compute = xg.dtype
+    y = (xg - full_mean.view(b, groups, 1).to(compute)) * rstd.view(b, groups, 1).to(compute)
+    y = y.reshape(x.shape)
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.to(compute).view(shape)
+    if bias is not None:
+        y = y + bias.to(compute).view(shape)
+    return y.to(x.dtype)
 
 
 def band_group_norm(
@@ -134,35 +253,12 @@ def band_group_norm(
 
     Each band computes per-(sample, group) count, sum and sum of squares; these are summed
     over the group in float64 (one all_reduce) and give the full mean and biased variance.
-    Local statistics come from ``var_mean`` (two-pass, stable) and are turned into sums in
-    float64, so no float64 copy of the activation is made.
     """
     if band.size == 1:
         return F.group_norm(x, num_groups, weight, bias, eps)  # bitwise the unsplit model
-    b, c = x.shape[:2]
-    if c % num_groups:
-        raise ValueError(f"{c} channels do not split into {num_groups} groups")
-    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    xg = x.reshape(b, num_groups, -1).to(compute)
-    n_local = xg.shape[-1]
-    var, mean = torch.var_mean(xg, dim=-1, correction=0)
-    mean64, var64 = mean.double(), var.double()
-    count = torch.full((1,), float(n_local), dtype=torch.float64, device=x.device)
-    stats = torch.cat([(mean64 * n_local).flatten(), ((var64 + mean64 * mean64) * n_local).flatten(), count])
+    xg, stats = group_norm_sums(x, num_groups)
     stats = band.all_reduce_sum(stats, kind=kind)
-    k = b * num_groups
-    n = stats[-1]
-    full_mean = stats[:k] / n
-    full_var = (stats[k : 2 * k] / n - full_mean * full_mean).clamp_min(0)
-    rstd = torch.rsqrt(full_var + eps)
-    y = (xg - full_mean.view(b, num_groups, 1).to(compute)) * rstd.view(b, num_groups, 1).to(compute)
-    y = y.reshape(x.shape)
-    shape = [1, c] + [1] * (x.dim() - 2)
-    if weight is not None:
-        y = y * weight.to(compute).view(shape)
-    if bias is not None:
-        y = y + bias.to(compute).view(shape)
-    return y.to(x.dtype)
+    return group_norm_from_sums(x, xg, stats, weight, bias, eps)
 
 
 def band_kv(

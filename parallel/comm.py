@@ -251,6 +251,21 @@ class BandGroup:
     def halo(self, x: torch.Tensor, top: int, bottom: int, kind: str = "halo") -> torch.Tensor:
         """``x`` with ``top`` rows of the previous band above and ``bottom`` rows of the next
         band below (dim -2); zeros stand in beyond the image edges. Neighbours only."""
+        above, below = self.halo_parts(x, top, bottom, kind)
+        shape = list(x.shape)
+        parts = []
+        if top:
+            parts.append(above if above is not None else x.new_zeros(shape[:-2] + [top, shape[-1]]))
+        parts.append(x)
+        if bottom:
+            parts.append(below if below is not None else x.new_zeros(shape[:-2] + [bottom, shape[-1]]))
+        return torch.cat(parts, dim=-2) if len(parts) > 1 else x
+
+    def halo_parts(
+        self, x: torch.Tensor, top: int, bottom: int, kind: str = "halo"
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(``top`` rows of the previous band, ``bottom`` rows of the next band); None where
+        there is no neighbour (image edge) or nothing was asked for."""
         top, bottom = int(top), int(bottom)
         if top < 0 or bottom < 0:
             raise ValueError(f"halo sizes must be >= 0, got top={top}, bottom={bottom}")
@@ -284,13 +299,7 @@ class BandGroup:
                 for work in dist.batch_isend_irecv(ops):
                     work.wait()
             self.stats.add(kind, sent, received)
-        parts = []
-        if top:
-            parts.append(above if above is not None else x.new_zeros(shape[:-2] + [top, shape[-1]]))
-        parts.append(x)
-        if bottom:
-            parts.append(below if below is not None else x.new_zeros(shape[:-2] + [bottom, shape[-1]]))
-        return torch.cat(parts, dim=-2) if len(parts) > 1 else x
+        return above, below
 
     # ---------------------------------------------------------------- collectives
     def all_reduce_sum(self, t: torch.Tensor, kind: str = "groupnorm") -> torch.Tensor:

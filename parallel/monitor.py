@@ -46,6 +46,11 @@ HINTS = {
                  "Restart and queue again; if it repeats, try devices 1 to see whether the model runs at all.",
     "PoolError": "The worker pool is in a bad state: press Restart and queue again.",
 }
+# Checked first: messages whose class alone would give the wrong advice.
+MESSAGE_HINTS = {
+    "was shut down while a job was running": "The pool was stopped during the job (Restart, Shut down or the Pool "
+                                             "Shutdown node): queue the job again.",
+}
 DEFAULT_HINT = "See ComfyUI's console for the traceback; Restart clears a stuck worker pool."
 CANCELLED = ("InterruptProcessingException", "JobCancelled")
 
@@ -57,6 +62,10 @@ def set_sink(sink: Callable[[str, dict], Any] | None) -> None:
 
 
 def hint_for(exc: BaseException) -> str:
+    message = str(exc)
+    for part, hint in MESSAGE_HINTS.items():
+        if part in message:
+            return hint
     for cls in type(exc).__mro__:
         if cls.__name__ in HINTS:
             return HINTS[cls.__name__]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .payload import ModelPayload, UnshippablePatch, build_model, check_picklable, rebuild_conditioning
-from .protocol import Job, WorkerContext
+from .protocol import Job, JobCancelled, WorkerContext
 
 
 @dataclass
@@ -48,6 +48,26 @@ class ParallelSpec:
     cfg_parallel: bool
     mode: str = "exact"
     weights: list[float] | None = None
+    # displaced / partial modes (see displaced.py); 0 warmup = auto, groupnorm "auto" resolved per latent
+    warmup: int = 0
+    partial_fraction: float = 0.3
+    partial_fraction_late: float | None = None
+    groupnorm: str = "auto"
+
+    def stale_options(self, sigmas: torch.Tensor, height: int, width: int):
+        """StaleOptions for this run (None unless mode is displaced or partial)."""
+        from .displaced import STALE_MODES, StaleOptions, resolve_groupnorm, resolve_warmup
+
+        if self.mode not in STALE_MODES:
+            return None
+        steps = max(1, int(sigmas.shape[-1]) - 1)
+        late = self.partial_fraction_late
+        return StaleOptions(
+            mode=self.mode, warmup=resolve_warmup(self.warmup, steps),
+            groupnorm=resolve_groupnorm(self.groupnorm, height, width), fraction=float(self.partial_fraction),
+            fraction_late=None if late is None or late < 0 else float(late),
+            late_sigma=float(sigmas[steps // 2]),  # late steps: the second half of the schedule
+        )
 
 
 @dataclass
@@ -82,11 +102,16 @@ class SamplingJob(Job):
             model = self.model
         t_model = time.perf_counter() - t0
         stats = CommStats()
+        runtime = None
+        stale = None
         if self.parallel.world_size > 1:  # one device: ComfyUI's model as it is, nothing to split
             plan = ParallelPlan(self.parallel.world_size, self.parallel.cfg_parallel,
                                 batch_split=self.parallel.world_size if self.parallel.mode == "batch" else 0)
             align = 2 ** (len(model.get_model_object("diffusion_model").channel_mult) - 1)
-            runtime = BandParallelRuntime(plan, ctx.rank, align, weights=self.parallel.weights, stats=stats)
+            stale = self.parallel.stale_options(self.sigmas, int(self.latent_image.shape[-2]),
+                                                int(self.latent_image.shape[-1]))
+            runtime = BandParallelRuntime(plan, ctx.rank, align, weights=self.parallel.weights, stats=stats,
+                                          stale=stale)
             model = apply_band_parallel(model, runtime)
 
         step_times: list[float] = []
@@ -109,13 +134,28 @@ class SamplingJob(Job):
             guider.set_conds(positive, negative)
         guider.set_cfg(self.cfg)
         device = model.load_device
-        samples = guider.sample(self.noise, self.latent_image, self.sampler.build(), self.sigmas.to(device),
-                                denoise_mask=self.denoise_mask, callback=callback, disable_pbar=True, seed=self.seed)
+        try:
+            samples = guider.sample(self.noise, self.latent_image, self.sampler.build(), self.sigmas.to(device),
+                                    denoise_mask=self.denoise_mask, callback=callback, disable_pbar=True, seed=self.seed)
+        except JobCancelled:
+            if runtime is not None:  # every rank stops at the same step: the same exchanges are in flight
+                runtime.finish()
+                runtime.close()
+            raise
+        comm_steps: list[dict] = []
+        if runtime is not None:
+            runtime.finish()  # the last step's background sends: every rank waits for its own
+            comm_steps = runtime.step_summary()
+            runtime.close()
         ctx.stats.update(
             rank=ctx.rank, device=str(ctx.device), model_build_s=round(t_model, 3),
             base_model_loads=ctx.cache.get("base_loads", 0), control_model_loads=ctx.cache.get("control_loads", 0),
             step_s=[round(s, 4) for s in step_times],
             comm=stats.as_dict(), steps=len(step_times),
+            mode=self.parallel.mode, comm_steps=comm_steps,
+            stale=None if stale is None else {
+                "warmup": stale.warmup, "groupnorm": stale.groupnorm, "fraction": stale.fraction,
+                "fraction_late": stale.fraction_late, "stale_calls": runtime.stale.stale_calls},  # type: ignore[union-attr]
         )
         return {"samples": samples.detach().cpu()} if ctx.rank == 0 else {}
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from . import monitor  # the web panel's live view (web_routes.py); reporting only
+from .displaced import GROUPNORM_POLICIES, STALE_MODES
 from .layout import LayoutError, ParallelPlan, split_rows
 from .payload import WeightStore, check_picklable, make_payload, ship_conditioning
 from .protocol import JobCancelled, JobFailed, WorkerContext
@@ -23,7 +25,7 @@ log = logging.getLogger("hires_parallel")
 
 DEVICE_KINDS = ["auto", "cuda", "cpu"]
 CFG_PARALLEL = ["auto", "on", "off"]
-MODES = ["exact", "batch"]
+MODES = ["exact", "displaced", "partial", "batch"]
 JOB_TIMEOUT_S = 900.0  # no word from rank 0 for this long: the job is declared hung
 
 _store_lock = threading.Lock()
@@ -35,6 +37,32 @@ class ParallelInputError(ValueError):
     """Bad input to a patch-parallel node; the message says what to change."""
 
     user_facing = True
+
+
+@dataclass(frozen=True)
+class ModeOptions:
+    """Settings of the displaced / partial modes (ignored by exact and batch). ``warmup`` 0 = auto (10% of
+    the steps, at least 1); ``partial_fraction_late`` < 0 = same as ``partial_fraction``; ``groupnorm``
+    auto = synchronous at or below 1024x1024 pixels, corrected above."""
+
+    warmup: int = 0
+    partial_fraction: float = 0.3
+    partial_fraction_late: float = -1.0
+    groupnorm: str = "auto"
+
+
+def check_mode_options(options: ModeOptions) -> None:
+    if int(options.warmup) != options.warmup or options.warmup < 0:
+        raise ParallelInputError(f"warmup must be a whole number of steps, 0 (auto) or more; got {options.warmup!r}.")
+    if not 0.0 <= options.partial_fraction <= 1.0:
+        raise ParallelInputError(f"partial_fraction must be between 0 and 1 (the share of each neighbour band "
+                                 f"attended to); got {options.partial_fraction!r}.")
+    late = options.partial_fraction_late
+    if late > 1.0 or (0.0 > late and late != -1.0):
+        raise ParallelInputError(f"partial_fraction_late must be between 0 and 1, or -1 for the same as "
+                                 f"partial_fraction; got {late!r}.")
+    if options.groupnorm not in GROUPNORM_POLICIES:
+        raise ParallelInputError(f"groupnorm must be one of {list(GROUPNORM_POLICIES)}; got {options.groupnorm!r}.")
 
 
 def resolve_devices(devices: int, kind: str) -> list[str]:
@@ -103,14 +131,18 @@ def band_weights(text: str, plan: ParallelPlan) -> list[float] | None:
 
 
 def preflight(model, positive, negative, latent_image: torch.Tensor, devices: list[str], cfg_parallel: str,
-              mode: str, device_weights: str = "") -> ParallelSpec:
+              mode: str, device_weights: str = "", options: ModeOptions | None = None) -> ParallelSpec:
     """Every check that needs no heavy work; raises ParallelInputError/UnsupportedModel/UnshippablePatch."""
     world = len(devices)
     if mode not in MODES:
         raise ParallelInputError(f"mode must be one of {MODES}; got {mode!r}.")
+    options = options or ModeOptions()
+    check_mode_options(options)
     batch_mode = mode == "batch"  # the batch of every UNet call is cut over the devices; no bands
+    late = options.partial_fraction_late
     spec = ParallelSpec(world, False if batch_mode else resolve_cfg_parallel(cfg_parallel, world, negative is not None),
-                        mode)
+                        mode, warmup=int(options.warmup), partial_fraction=float(options.partial_fraction),
+                        partial_fraction_late=None if late < 0 else float(late), groupnorm=options.groupnorm)
     if world == 1:
         return spec
     from .unet_parallel import check_band_parallel_support
@@ -126,6 +158,9 @@ def preflight(model, positive, negative, latent_image: torch.Tensor, devices: li
         split_rows(int(latent_image.shape[-2]), plan.bands_per_group, align, spec.weights)
     except LayoutError as e:
         raise ParallelInputError(str(e)) from e
+    if mode in STALE_MODES and plan.bands_per_group == 1:
+        log.info("HiRes Parallel: mode %s has no bands to exchange with %d devices and CFG parallel on; "
+                 "it runs like exact.", mode, world)
     advice = "Remove the node that adds it, or run with 1 device."
     positive, negative = ship_conditioning(positive, negative, None)  # ControlNets: checked, nothing written
     check_picklable(positive, "the positive conditioning", advice)
@@ -138,11 +173,11 @@ def run_sampling(model, positive, negative, cfg: float, noise: torch.Tensor, lat
                  sigmas: torch.Tensor, sampler: SamplerSpec, seed: int | None, denoise_mask, devices: list[str],
                  cfg_parallel: str = "auto", mode: str = "exact",
                  callback: Callable[[int, torch.Tensor, Any, int], None] | None = None,
-                 device_weights: str = "") -> torch.Tensor:
+                 device_weights: str = "", options: ModeOptions | None = None) -> torch.Tensor:
     """Sample like ComfyUI's CFGGuider.sample, with the model evaluation split over `devices`."""
     import comfy.model_management
 
-    spec = preflight(model, positive, negative, latent_image, devices, cfg_parallel, mode, device_weights)
+    spec = preflight(model, positive, negative, latent_image, devices, cfg_parallel, mode, device_weights, options)
     monitor.run_started(devices, spec, int(sigmas.shape[-1]) - 1)
     interrupted = threading.Event()
 
@@ -191,9 +226,31 @@ def run_sampling(model, positive, negative, cfg: float, noise: torch.Tensor, lat
     return result.value["samples"]
 
 
+def comm_per_step(rank_stats: dict) -> dict:
+    """One rank's mean bytes sent / received and seconds waited per step, by kind, separately for exact
+    steps and steps that used stale data (displaced / partial), from the job's ``comm_steps``."""
+    steps = rank_stats.get("comm_steps") or []
+    out: dict[str, Any] = {"rank": rank_stats.get("rank"), "steps": len(steps)}
+    for name, group in (("exact", [s for s in steps if not s["stale_calls"]]),
+                        ("stale", [s for s in steps if s["stale_calls"]])):
+        if not group:
+            continue
+        n = len(group)
+
+        def mean(key: str, digits: int | None = None, group: list = group, n: int = n) -> dict:
+            kinds = sorted({k for s in group for k in s[key]})
+            sums = {k: sum(s[key].get(k, 0) for s in group) / n for k in kinds}
+            return {k: (round(v, digits) if digits else int(v)) for k, v in sums.items()}
+
+        out[name] = {"steps": n, "bytes_sent": mean("sent"), "bytes_received": mean("received"),
+                     "wait_s": mean("wait_s", 5)}
+    return out
+
+
 def _record(devices: list[str], spec: ParallelSpec, seconds: float, stats: list[dict]) -> None:
     LAST_RUN.clear()
     LAST_RUN.update(devices=devices, world_size=spec.world_size, cfg_parallel=spec.cfg_parallel, mode=spec.mode,
-                    band_weights=spec.weights,
+                    band_weights=spec.weights, stale=next((s.get("stale") for s in stats if s.get("stale")), None),
+                    comm_per_step=[comm_per_step(s) for s in stats],
                     seconds=round(seconds, 3), ranks=stats, finished=time.time())
     monitor.run_finished(LAST_RUN)

@@ -13,10 +13,15 @@ parallel run, evaluates the UNet on this rank's row band only and hands ComfyUI 
 * ``attn1`` replace patches (q, k, v already projected, so LoRA on to_k / to_v is honoured) attend
   with the keys and values of all bands, through ComfyUI's own ``optimized_attention``.
 
-Cross-attention, 1x1 convolutions, linear layers and LayerNorm are local to a band and untouched.
+Cross-attention, 1x1 convolutions, linear layers and LayerNorm are local to a band and untouched
+(cross-attention gets the current call's conditioning, so there is no text K/V cache to invalidate).
 Every rank runs ComfyUI's sampler loop on the full latent with the same noise; only the model
 evaluation is split, so the result equals the single-device one up to float rounding. World size 1
-goes through the same code without torch.distributed.
+goes through the same code without torch.distributed. The UNet's input conv takes its halo rows from
+the full latent every rank holds (no exchange).
+
+With ``StaleOptions`` (modes displaced / partial, see displaced.py) the same hooks reuse the other
+bands' data of the previous step after ``warmup`` exact steps instead of waiting for fresh data.
 """
 from __future__ import annotations
 
@@ -27,8 +32,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from .band_ops import band_conv2d, band_group_norm, band_kv
+from .band_ops import band_conv2d, band_conv_geometry, band_group_norm, band_kv, conv_band_rows
 from .comm import BandGroup, CommStats, gather_batch
+from .displaced import StaleCall, StaleEngine, StaleOptions, StepClock
 from .layout import LayoutError, ParallelPlan, split_rows
 
 __all__ = [
@@ -73,14 +79,36 @@ def active_band() -> BandGroup | None:
     return getattr(_ACTIVE, "band", None)
 
 
+class _CallState:
+    """What the layers of one band-parallel UNet call need besides the band: the band's input (to
+    recognise the UNet's input conv), the full input it was cut from, and the stale call, if any."""
+
+    __slots__ = ("x_band", "x_full", "call")
+
+    def __init__(self, x_band: torch.Tensor | None, x_full: torch.Tensor | None, call: StaleCall | None) -> None:
+        self.x_band, self.x_full, self.call = x_band, x_full, call
+
+
+def _call_state() -> _CallState | None:
+    return getattr(_ACTIVE, "state", None)
+
+
+def _stale_call() -> StaleCall | None:
+    """The displaced / partial call running here when it reads or records stale data, else None
+    (exact mode, or an early warmup step: the plain exact ops)."""
+    state = _call_state()
+    call = None if state is None else state.call
+    return call if call is not None and (call.stale or call.record) else None
+
+
 @contextmanager
-def _band_active(band: BandGroup) -> Iterator[None]:
-    prev = active_band()
-    _ACTIVE.band = band
+def _band_active(band: BandGroup, state: _CallState | None = None) -> Iterator[None]:
+    prev, prev_state = active_band(), _call_state()
+    _ACTIVE.band, _ACTIVE.state = band, state
     try:
         yield
     finally:
-        _ACTIVE.band = prev
+        _ACTIVE.band, _ACTIVE.state = prev, prev_state
 
 
 # ------------------------------------------------------------------------------------ geometry
@@ -238,6 +266,21 @@ def _conv_forward(self: torch.nn.Conv2d, x: torch.Tensor, *args: Any, **kwargs: 
     if band is None:
         return self._hp_base.forward(self, x, *args, **kwargs)
     weight, bias = _cast_weights(self, x)
+    state = _call_state()
+    if band.size > 1 and state is not None:
+        geo = band_conv_geometry(x, weight, self.stride, self.padding, self.dilation, self.groups, band,
+                                 padding_mode=self.padding_mode)
+        if x is state.x_band and state.x_full is not None:
+            # The UNet's input conv: every rank holds the full latent, so its halo is fresh and free.
+            s, e = band.rows
+            above = state.x_full[..., s - geo.top : s, :] if geo.top and not band.is_first else None
+            below = state.x_full[..., e : e + geo.bottom, :] if geo.bottom and not band.is_last else None
+            return conv_band_rows(x, above, below, weight, bias, geo, band)
+        call = _stale_call()
+        if call is not None:
+            return call.conv(x, weight, bias, geo)
+        above, below = band.halo_parts(x, geo.top, geo.bottom)
+        return conv_band_rows(x, above, below, weight, bias, geo, band)
     return band_conv2d(
         x, weight, bias, self.stride, self.padding, self.dilation, self.groups, band, padding_mode=self.padding_mode
     )
@@ -248,7 +291,10 @@ def _group_norm_forward(self: torch.nn.GroupNorm, x: torch.Tensor, *args: Any, *
     if band is None:
         return self._hp_base.forward(self, x, *args, **kwargs)
     weight, bias = _cast_weights(self, x)
-    return band_group_norm(x, self.num_groups, weight, bias, self.eps, band)
+    call = _stale_call() if band.size > 1 else None
+    if call is not None and call.options.groupnorm == "corrected":
+        return call.group_norm(x, self.num_groups, weight, bias, self.eps)
+    return band_group_norm(x, self.num_groups, weight, bias, self.eps, band)  # exact, also policy "sync"
 
 
 _BAND_CLASSES: dict[type, type] = {}
@@ -308,7 +354,11 @@ class _BandSelfAttention:
                     f"self-attention at {extra_options.get('block')} got {k.shape[1]} tokens, expected "
                     f"{heights[band.index]} x {width} for band {band.index} of {band.bands} at factor {self.factor}"
                 )
-            k, v = band_kv(k, v, band, sizes=[h * width for h in heights])
+            call = _stale_call()
+            if call is not None:
+                k, v = call.kv(k, v, width, heights)
+            else:
+                k, v = band_kv(k, v, band, sizes=[h * width for h in heights])
         return attention.optimized_attention(
             q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
             transformer_options=extra_options,
@@ -358,7 +408,8 @@ class BandParallelRuntime:
     same order on every rank: one band group per batch group, then one peer group per band index
     (groups of one rank are not created). With world size 1 nothing touches torch.distributed.
     ``align`` is the row alignment of band starts (the UNet's total downsampling or a multiple of it);
-    ``weights`` are relative band heights, one per band of a batch group.
+    ``weights`` are relative band heights, one per band of a batch group. ``stale``: the displaced /
+    partial options (None: exact mode).
     """
 
     def __init__(
@@ -368,6 +419,7 @@ class BandParallelRuntime:
         align: int,
         weights: Sequence[float] | None = None,
         stats: CommStats | None = None,
+        stale: StaleOptions | None = None,
     ) -> None:
         self.plan = plan
         self.rank = int(rank)
@@ -381,7 +433,9 @@ class BandParallelRuntime:
                 f"got {len(self.weights)} device weights for {plan.bands_per_group} bands; give one weight per band"
             )
         self.stats = stats if stats is not None else CommStats()
-        self.calls: list[dict[str, Any]] = []  # one entry per UNet call: sigma, shapes, bytes by kind
+        self.calls: list[dict[str, Any]] = []  # one entry per UNet call: sigma, step, shapes, bytes by kind
+        self.clock = StepClock()  # steps by distinct sigma, slots within a step
+        self.stale = None if stale is None else StaleEngine(stale, self.stats)
         self._bands: dict[int, BandGroup] = {}
         self._created: list[Any] = []
         self._closed = False
@@ -414,6 +468,35 @@ class BandParallelRuntime:
         pg = dist.new_group(ranks)
         self._created.append(pg)
         return pg
+
+    def finish(self) -> None:
+        """Wait for the exchanges still in flight (displaced / partial: the last step's sends). Every
+        rank calls it at the end of a job that ran to completion; the wait counts towards the last call."""
+        if self.stale is None:
+            return
+        before = dict(self.stats.seconds)
+        self.stale.drain()
+        if self.calls:
+            secs = self.calls[-1].setdefault("seconds", {})
+            for k, v in self.stats.seconds.items():
+                if v != before.get(k, 0.0):
+                    secs[k] = secs.get(k, 0.0) + v - before.get(k, 0.0)
+
+    def step_summary(self) -> list[dict[str, Any]]:
+        """Per step (distinct sigma): calls, stale calls, bytes sent / received and seconds waited by kind."""
+        steps: dict[int, dict[str, Any]] = {}
+        for c in self.calls:
+            st = steps.setdefault(c["step"], {"step": c["step"], "sigma": c["sigma"], "calls": 0, "stale_calls": 0,
+                                              "sent": {}, "received": {}, "wait_s": {}})
+            st["calls"] += 1
+            st["stale_calls"] += int(c["stale"])
+            for src, dst in (("sent", "sent"), ("received", "received"), ("seconds", "wait_s")):
+                for k, v in c.get(src, {}).items():
+                    st[dst][k] = st[dst].get(k, 0) + v
+        out = [steps[k] for k in sorted(steps)]
+        for st in out:
+            st["wait_s"] = {k: round(v, 6) for k, v in st["wait_s"].items()}
+        return out
 
     def close(self) -> None:
         """Destroy the subgroups this runtime created (every rank calls it at the end of the job)."""
@@ -479,7 +562,10 @@ class BandParallelRuntime:
             )
         batch, height = x.shape[0], x.shape[-2]
         band = self.band_for(height)
-        sent0, recv0 = dict(self.stats.sent), dict(self.stats.received)
+        sent0, recv0, secs0 = dict(self.stats.sent), dict(self.stats.received), dict(self.stats.seconds)
+        sigma_t = transformer_options.get("sigmas")
+        sigma = float(sigma_t.flatten()[0]) if isinstance(sigma_t, torch.Tensor) and sigma_t.numel() else None
+        step, slot = self.clock.tick(sigma)
 
         cut = self.batch_slice(batch)
         to = dict(transformer_options)
@@ -504,20 +590,29 @@ class BandParallelRuntime:
         control = slice_control(
             control, band.bands, band.index, self.align, None if cut is None else (cut[0], cut[1], batch)
         )
-        with _band_active(band):
-            out = executor(x[..., s:e, :], timesteps, context, y, control, to, **kwargs)
+        call = None
+        if self.stale is not None and band.size > 1:
+            call = self.stale.begin_call(step, slot, sigma, (tuple(x.shape), tuple(band.bands)), band, x.device)
+        x_band = x[..., s:e, :]
+        with _band_active(band, _CallState(x_band, x, call)):
+            out = executor(x_band, timesteps, context, y, control, to, **kwargs)
+        if call is not None:
+            self.stale.end_call(call)  # type: ignore[union-attr]
         out = band.gather_rows(out, sizes=band.heights)
         if cut is not None:
             out = gather_batch(out, self.peer_group, self.stats, sizes=self.batch_sizes(batch))
 
-        sigma = transformer_options.get("sigmas")
         self.calls.append({
-            "sigma": float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) and sigma.numel() else None,
+            "sigma": sigma,
+            "step": step,
+            "slot": slot,
+            "stale": bool(call is not None and call.stale),
             "batch": batch,
             "computed_batch": out.shape[0] if cut is None else cut[1] - cut[0],
             "rows": (s, e),
             "sent": {k: v - sent0.get(k, 0) for k, v in self.stats.sent.items()},
             "received": {k: v - recv0.get(k, 0) for k, v in self.stats.received.items()},
+            "seconds": {k: v - secs0.get(k, 0.0) for k, v in self.stats.seconds.items() if v != secs0.get(k, 0.0)},
         })
         return out
 

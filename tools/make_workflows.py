@@ -25,6 +25,15 @@ OUTPUTS = {
     "PreviewImage": [],
     "HiResParallelRelayUpscaleSampler": [("LATENT", "LATENT")],
     "HiResParallelPatchParallelKSampler": [("LATENT", "LATENT")],
+    "CFGGuider": [("GUIDER", "GUIDER")],
+    "BasicScheduler": [("SIGMAS", "SIGMAS")],
+    "RandomNoise": [("NOISE", "NOISE")],
+    "SamplerCustomAdvanced": [("output", "LATENT"), ("denoised_output", "LATENT")],
+    "HiResParallelParaTAASampler": [("SAMPLER", "SAMPLER")],
+    "KSamplerSelect": [("SAMPLER", "SAMPLER")],
+    "HiResParallelCoopGuider": [("GUIDER", "GUIDER")],
+    "HiResParallelTimeDecoupledGuider": [("GUIDER", "GUIDER")],
+    "HiResParallelStructureGuidedHiRes": [("MODEL", "MODEL")],
 }
 # Socket (non-widget) inputs of those types: (name, type, optional).
 INPUTS = {
@@ -38,9 +47,24 @@ INPUTS = {
                                          ("negative", "CONDITIONING"), ("latent_image", "LATENT"), ("vae", "VAE")],
     "HiResParallelPatchParallelKSampler": [("model", "MODEL"), ("positive", "CONDITIONING"),
                                            ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
+    "CFGGuider": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
+    "BasicScheduler": [("model", "MODEL")],
+    "SamplerCustomAdvanced": [("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"),
+                              ("latent_image", "LATENT")],
+    "HiResParallelCoopGuider": [("model_a", "MODEL"), ("positive_a", "CONDITIONING"), ("negative_a", "CONDITIONING"),
+                                ("model_b", "MODEL"), ("positive_b", "CONDITIONING"), ("negative_b", "CONDITIONING"),
+                                ("vae_a", "VAE"), ("vae_b", "VAE")],
+    "HiResParallelTimeDecoupledGuider": [("model_a", "MODEL"), ("positive_a", "CONDITIONING"),
+                                         ("negative_a", "CONDITIONING"), ("model_b", "MODEL"),
+                                         ("positive_b", "CONDITIONING"), ("negative_b", "CONDITIONING"),
+                                         ("vae_a", "VAE"), ("vae_b", "VAE")],
+    "HiResParallelStructureGuidedHiRes": [("model", "MODEL")],
 }
 SIZES = {"CheckpointLoaderSimple": (315, 98), "CLIPTextEncode": (400, 160), "KSampler": (315, 262),
-         "HiResParallelRelayUpscaleSampler": (340, 430), "HiResParallelPatchParallelKSampler": (340, 400), "SaveImage": (420, 440), "PreviewImage": (300, 300)}
+         "HiResParallelRelayUpscaleSampler": (340, 430), "HiResParallelPatchParallelKSampler": (340, 400), "SaveImage": (420, 440), "PreviewImage": (300, 300),
+         "HiResParallelParaTAASampler": (340, 370), "SamplerCustomAdvanced": (300, 110),
+         "HiResParallelCoopGuider": (340, 480), "HiResParallelTimeDecoupledGuider": (340, 330),
+         "HiResParallelStructureGuidedHiRes": (340, 400)}
 
 
 def build(nodes: list[dict], links: list[tuple[int, str, int, str]]) -> dict:
@@ -120,7 +144,8 @@ def patch_parallel_ksampler() -> dict:
          "widgets_values": ["blurry, lowres, duplicate, watermark"]},
         {"id": 4, "type": "EmptyLatentImage", "pos": (380, 440), "widgets_values": [2048, 2048, 1]},
         {"id": 5, "type": "HiResParallelPatchParallelKSampler", "pos": (820, 40), "title": "Patch-Parallel KSampler",
-         "widgets_values": [0, "fixed", 30, 7.0, "euler", "karras", 1.0, 0, "auto", "exact", "auto", ""]},
+         "widgets_values": [0, "fixed", 30, 7.0, "euler", "karras", 1.0, 0, "auto", "exact", "auto", "", 0, 0.3, -1.0,
+                            "auto"]},
         {"id": 6, "type": "VAEDecode", "pos": (1200, 40)},
         {"id": 7, "type": "SaveImage", "pos": (1440, 40), "widgets_values": ["HiResParallel_patch_parallel"]},
     ]
@@ -128,6 +153,120 @@ def patch_parallel_ksampler() -> dict:
         (1, "CLIP", 2, "clip"), (1, "CLIP", 3, "clip"),
         (1, "MODEL", 5, "model"), (2, "CONDITIONING", 5, "positive"), (3, "CONDITIONING", 5, "negative"),
         (4, "LATENT", 5, "latent_image"), (5, "LATENT", 6, "samples"), (1, "VAE", 6, "vae"), (6, "IMAGE", 7, "images"),
+    ]
+    return build(nodes, links)
+
+
+def parataa_sampler() -> dict:
+    nodes = [
+        {"id": 1, "type": "CheckpointLoaderSimple", "pos": (20, 200), "widgets_values": ["v1-5-pruned-emaonly.safetensors"]},
+        {"id": 2, "type": "CLIPTextEncode", "pos": (380, 40), "title": "Positive",
+         "widgets_values": ["a red fox in a snowy birch forest, soft morning light, highly detailed"]},
+        {"id": 3, "type": "CLIPTextEncode", "pos": (380, 240), "title": "Negative",
+         "widgets_values": ["blurry, lowres, watermark"]},
+        {"id": 4, "type": "EmptyLatentImage", "pos": (380, 440), "widgets_values": [512, 512, 1]},
+        {"id": 5, "type": "CFGGuider", "pos": (820, 40), "widgets_values": [7.0]},
+        {"id": 6, "type": "BasicScheduler", "pos": (820, 200), "widgets_values": ["karras", 50, 1.0]},
+        {"id": 7, "type": "RandomNoise", "pos": (820, 340), "widgets_values": [0, "fixed"]},
+        {"id": 8, "type": "HiResParallelParaTAASampler", "pos": (820, 460), "title": "ParaTAA Sampler (DDIM, 50 steps)",
+         "widgets_values": ["ddim", 1.0, 1.0, 0, 20, 2, 0.001, 0.001, 0, 0, True, 0]},
+        {"id": 9, "type": "SamplerCustomAdvanced", "pos": (1200, 40)},
+        {"id": 10, "type": "VAEDecode", "pos": (1540, 40)},
+        {"id": 11, "type": "SaveImage", "pos": (1780, 40), "widgets_values": ["HiResParallel_parataa"]},
+    ]
+    links = [
+        (1, "CLIP", 2, "clip"), (1, "CLIP", 3, "clip"),
+        (1, "MODEL", 5, "model"), (2, "CONDITIONING", 5, "positive"), (3, "CONDITIONING", 5, "negative"),
+        (1, "MODEL", 6, "model"),
+        (7, "NOISE", 9, "noise"), (5, "GUIDER", 9, "guider"), (8, "SAMPLER", 9, "sampler"), (6, "SIGMAS", 9, "sigmas"),
+        (4, "LATENT", 9, "latent_image"),
+        (9, "output", 10, "samples"), (1, "VAE", 10, "vae"), (10, "IMAGE", 11, "images"),
+    ]
+    return build(nodes, links)
+
+
+def coop_sd15_sdxl() -> dict:
+    """SD1.5 at 512 px and SDXL at 1024 px on one image: Coop Guider (A drives, B joins early) and the
+    time-decoupled switch (SD1.5 composes until t = 500, SDXL finishes at twice the size)."""
+    nodes = [
+        {"id": 1, "type": "CheckpointLoaderSimple", "pos": (20, 120), "title": "Model A: SD1.5 (512 px)",
+         "widgets_values": ["v1-5-pruned-emaonly.safetensors"]},
+        {"id": 2, "type": "CheckpointLoaderSimple", "pos": (20, 560), "title": "Model B: SDXL (1024 px)",
+         "widgets_values": ["sd_xl_base_1.0.safetensors"]},
+        {"id": 3, "type": "CLIPTextEncode", "pos": (380, 0), "title": "Positive A",
+         "widgets_values": ["a harbour town on a hillside at dusk, boats, warm window lights, highly detailed"]},
+        {"id": 4, "type": "CLIPTextEncode", "pos": (380, 200), "title": "Negative A",
+         "widgets_values": ["blurry, lowres, watermark"]},
+        {"id": 5, "type": "CLIPTextEncode", "pos": (380, 440), "title": "Positive B",
+         "widgets_values": ["a harbour town on a hillside at dusk, boats, warm window lights, highly detailed"]},
+        {"id": 6, "type": "CLIPTextEncode", "pos": (380, 640), "title": "Negative B",
+         "widgets_values": ["blurry, lowres, watermark"]},
+        {"id": 7, "type": "EmptyLatentImage", "pos": (380, 860), "widgets_values": [512, 512, 1]},
+        {"id": 8, "type": "HiResParallelCoopGuider", "pos": (820, 0), "title": "Coop Guider (SD1.5 + SDXL at 2x)",
+         "widgets_values": [7.0, 7.0, 0.5, 0.2, "linear", 0.0, 0.8, 2, 2.0, "auto", "transfer"]},
+        {"id": 9, "type": "HiResParallelTimeDecoupledGuider", "pos": (820, 520),
+         "title": "Time-Decoupled Guider (SD1.5 -> SDXL at t=500)",
+         "widgets_values": [7.0, 7.0, 500.0, 2.0, "auto", "transfer"]},
+        {"id": 10, "type": "KSamplerSelect", "pos": (820, 880), "widgets_values": ["euler"]},
+        {"id": 11, "type": "BasicScheduler", "pos": (820, 980), "widgets_values": ["karras", 20, 1.0]},
+        {"id": 12, "type": "RandomNoise", "pos": (820, 1120), "widgets_values": [0, "fixed"]},
+        {"id": 13, "type": "SamplerCustomAdvanced", "pos": (1220, 0), "title": "Coop sampling (A's space)"},
+        {"id": 14, "type": "SamplerCustomAdvanced", "pos": (1220, 520), "title": "Time-decoupled sampling (B's space)"},
+        {"id": 15, "type": "VAEDecode", "pos": (1560, 0), "title": "Decode with VAE A"},
+        {"id": 16, "type": "SaveImage", "pos": (1800, 0), "widgets_values": ["HiResParallel_coop"]},
+        {"id": 17, "type": "VAEDecode", "pos": (1560, 520), "title": "Decode with VAE B"},
+        {"id": 18, "type": "SaveImage", "pos": (1800, 520), "widgets_values": ["HiResParallel_time_decoupled"]},
+    ]
+    pair = []
+    for guider in (8, 9):
+        pair += [
+            (1, "MODEL", guider, "model_a"), (3, "CONDITIONING", guider, "positive_a"),
+            (4, "CONDITIONING", guider, "negative_a"), (2, "MODEL", guider, "model_b"),
+            (5, "CONDITIONING", guider, "positive_b"), (6, "CONDITIONING", guider, "negative_b"),
+            (1, "VAE", guider, "vae_a"), (2, "VAE", guider, "vae_b"),
+        ]
+    links = [
+        (1, "CLIP", 3, "clip"), (1, "CLIP", 4, "clip"), (2, "CLIP", 5, "clip"), (2, "CLIP", 6, "clip"),
+        *pair,
+        (1, "MODEL", 11, "model"),
+        (12, "NOISE", 13, "noise"), (8, "GUIDER", 13, "guider"), (10, "SAMPLER", 13, "sampler"),
+        (11, "SIGMAS", 13, "sigmas"), (7, "LATENT", 13, "latent_image"),
+        (12, "NOISE", 14, "noise"), (9, "GUIDER", 14, "guider"), (10, "SAMPLER", 14, "sampler"),
+        (11, "SIGMAS", 14, "sigmas"), (7, "LATENT", 14, "latent_image"),
+        (13, "output", 15, "samples"), (1, "VAE", 15, "vae"), (15, "IMAGE", 16, "images"),
+        (14, "output", 17, "samples"), (2, "VAE", 17, "vae"), (17, "IMAGE", 18, "images"),
+    ]
+    return build(nodes, links)
+
+
+def structure_guided_hires() -> dict:
+    """SDXL far above its native 1024: one patched model, a square 2048 branch and a 1024x2048 branch."""
+    nodes = [
+        {"id": 1, "type": "CheckpointLoaderSimple", "pos": (20, 200), "widgets_values": ["sd_xl_base_1.0.safetensors"]},
+        {"id": 2, "type": "CLIPTextEncode", "pos": (380, 40), "title": "Positive",
+         "widgets_values": ["a lone lighthouse on a rocky island, stormy sea, dramatic clouds, highly detailed"]},
+        {"id": 3, "type": "CLIPTextEncode", "pos": (380, 240), "title": "Negative",
+         "widgets_values": ["blurry, lowres, duplicate, watermark"]},
+        {"id": 4, "type": "HiResParallelStructureGuidedHiRes", "pos": (380, 440), "title": "Structure-Guided HiRes",
+         "widgets_values": [0, 1.0, "cosine", 0.5, True, "decoder, coarsest level", True, False, 4, 0, 8, True]},
+        {"id": 5, "type": "EmptyLatentImage", "pos": (820, 40), "widgets_values": [2048, 2048, 1]},
+        {"id": 6, "type": "KSampler", "pos": (1100, 40), "title": "2048 x 2048",
+         "widgets_values": [0, "fixed", 30, 7.0, "euler", "karras", 1.0]},
+        {"id": 7, "type": "VAEDecode", "pos": (1450, 40)},
+        {"id": 8, "type": "SaveImage", "pos": (1690, 40), "widgets_values": ["HiResParallel_asg_2048x2048"]},
+        {"id": 9, "type": "EmptyLatentImage", "pos": (820, 520), "widgets_values": [1024, 2048, 1]},
+        {"id": 10, "type": "KSampler", "pos": (1100, 520), "title": "1024 x 2048",
+         "widgets_values": [0, "fixed", 30, 7.0, "euler", "karras", 1.0]},
+        {"id": 11, "type": "VAEDecode", "pos": (1450, 520)},
+        {"id": 12, "type": "SaveImage", "pos": (1690, 520), "widgets_values": ["HiResParallel_asg_1024x2048"]},
+    ]
+    links = [
+        (1, "CLIP", 2, "clip"), (1, "CLIP", 3, "clip"), (1, "MODEL", 4, "model"),
+        (4, "MODEL", 6, "model"), (2, "CONDITIONING", 6, "positive"), (3, "CONDITIONING", 6, "negative"),
+        (5, "LATENT", 6, "latent_image"), (6, "LATENT", 7, "samples"), (1, "VAE", 7, "vae"), (7, "IMAGE", 8, "images"),
+        (4, "MODEL", 10, "model"), (2, "CONDITIONING", 10, "positive"), (3, "CONDITIONING", 10, "negative"),
+        (9, "LATENT", 10, "latent_image"), (10, "LATENT", 11, "samples"), (1, "VAE", 11, "vae"),
+        (11, "IMAGE", 12, "images"),
     ]
     return build(nodes, links)
 
@@ -156,6 +295,12 @@ WORKFLOWS = {
                          [("512 txt2img", 80), ("upsample + block noise", 120), ("1024 relay", 160)]),
     "patch_parallel_ksampler": (patch_parallel_ksampler, "Patch-parallel KSampler: one 2048x2048 image, a band per GPU",
                                 [("GPU 0 band", 70), ("GPU 1 band", 70), ("gathered 2048", 160)]),
+    "parataa_sampler": (parataa_sampler, "ParaTAA: 50 DDIM steps solved in parallel rounds",
+                        [("all steps, round 1", 70), ("round k", 100), ("converged", 130)]),
+    "coop_sd15_sdxl": (coop_sd15_sdxl, "PanGu-Draw: SD1.5 (512) and SDXL (1024) on one image",
+                       [("SD1.5 512", 80), ("VAE bridge", 100), ("SDXL 1024", 160)]),
+    "structure_guided_hires": (structure_guided_hires, "Structure-guided hires: SDXL at 2048x2048 and 1024x2048",
+                               [("strided views", 70), ("key-view guidance", 100), ("windows 2048", 160)]),
 }
 
 

@@ -18,3 +18,79 @@ def test_exact_scaling_benchmark_prints_a_table_and_writes_json(tmp_path, comfy_
     bands = next(row for row in rows if row["config"] == "2 ranks x 1 thread")
     assert bands["bytes_sent_per_step_rank0"]["kv"] > 0 and bands["s_per_step"] > 0
     assert all(row["max_abs_diff_vs_first"] < 1e-2 for row in rows)
+
+
+def test_parataa_benchmark_prints_a_table_and_writes_json(tmp_path, comfy_root):
+    out = tmp_path / "parataa.json"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_parataa.py"), "--steps", "3", "--size", "8",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rounds m=2" in r.stdout and "trained model will follow" in r.stdout
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert row["steps"] == 3 and 1 <= row["taa"]["rounds"] <= 3 and row["taa"]["converged"]
+    assert row["warm_same"]["warm_start"] and row["warm_same"]["rounds"] <= 2
+    assert row["taa"]["rel_diff_vs_euler"] < 1e-2 and row["sequential_s"] > 0
+
+
+def test_asg_benchmark_prints_a_table_and_writes_json(tmp_path, comfy_root):
+    out = tmp_path / "asg.json"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_asg.py"), "--native", "64", "--scale", "2",
+                        "--steps", "2", "--channels", "32", "--out", str(out)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "s/step" in r.stdout and "ASG, 2 ranks x 1 thread" in r.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["method"] for row in rows] == ["plain", "plain", "asg sync", "asg sync", "asg sync", "asg async"]
+    two = next(row for row in rows if row["config"] == "ASG, 2 ranks x 1 thread")
+    assert two["ranks"] == 2 and two["bytes_sent_per_step_rank0"]["batch"] > 0 and two["s_per_step"] > 0
+    assert two["max_abs_diff_vs_asg_1rank_1thread"] <= 1e-5 * two["max_abs"]  # the split changes rounding only
+
+
+def test_modes_benchmark_prints_tables_and_writes_json(tmp_path, comfy_root):
+    out = tmp_path / "modes.json"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_modes.py"), "--steps", "3", "--worlds", "1,2,64",
+                        "--families", "sd15", "--sd-size", "24", "--channels", "32", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "MEASURED" in r.stdout and "ANALYTIC" in r.stdout and "skipped: sd15 64 ranks" in r.stdout
+    data = json.loads(out.read_text())
+    measured = [row for row in data["measured"] if "skipped" not in row]
+    assert [(row["ranks"], row["mode"]) for row in measured] == [
+        (1, "single device"), (1, "single device"), (2, "exact"), (2, "displaced"), (2, "partial")]
+    by_mode = {row["mode"]: row for row in measured if row["ranks"] == 2}
+    assert by_mode["exact"]["psnr_db"] > 100  # exact: float rounding only
+    assert by_mode["displaced"]["steady_steps"] == 2 and by_mode["displaced"]["warmup"] == 1
+    assert by_mode["partial"]["sent_per_step_rank0"]["kv"] < by_mode["displaced"]["sent_per_step_rank0"]["kv"]
+    # The analytic table reproduces METHODS.md's SDXL K/V volume per CFG branch: 1.68 GB at 2048^2, 6.71 at 4096^2.
+    vol = {row["pixels"]: row["kv_volume_per_call"] for row in data["analytic_sdxl"]}
+    assert abs(vol[2048] / 1e9 - 1.68) < 0.01 and abs(vol[4096] / 1e9 - 6.71) < 0.01
+    assert {(row["pixels"], row["n"], row["mode"]) for row in data["analytic_sdxl"]} == {
+        (p, n, m) for p in (2048, 4096) for n in (2, 4, 8) for m in ("exact", "displaced", "partial")}
+
+
+def test_repetition_benchmark_counts_subjects_and_compares_parallel_modes(tmp_path, comfy_root):
+    """Tiny settings on the trained shapes model (models/hires_shapes.safetensors): every method runs,
+    the table and JSON are written, exact parallel modes match the single-device pass."""
+    out, grid = tmp_path / "repetition.json", tmp_path / "grid.png"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_repetition.py"), "--seeds", "2", "--scales", "1,2",
+                        "--steps", "3", "--relay-steps", "2", "--modes", "exact,batch", "--out", str(out),
+                        "--grid", str(grid), "--grid-seeds", "1", "--cell", "64"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "structure guidance: " in r.stdout and "PSNR min" in r.stdout
+    result = json.loads(out.read_text())
+    rows = {(row["method"], row["scale"]): row for row in result["rows"]}
+    expected = {("plain", 1), ("plain", 2), ("deep shrink", 2), ("relay", 2), ("parallel exact", 1), ("parallel exact", 2),
+                ("parallel batch", 1), ("parallel batch", 2)}
+    assert expected <= set(rows)
+    assert (("structure guidance", 2) in rows) == (result["structure_guidance"] == "included")
+    for (method, scale), row in rows.items():
+        assert row["images"] == 2 and row["pixels"] == 256 * scale and row["mean_count"] >= 0
+        assert 0.0 <= row["mean_size"] <= 1.0 and 0.0 <= row["exactly_one"] <= 1.0
+        if method.startswith("parallel"):
+            assert row["psnr_min_db"] == "inf" or row["psnr_min_db"] > 60, row  # float rounding only
+    assert len(result["per_image"]) == 2 * len(rows)
+    from PIL import Image
+
+    assert Image.open(grid).size[0] > 4 * 64

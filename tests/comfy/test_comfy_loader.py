@@ -17,6 +17,10 @@ EXPECTED_NODES = {
     "HiResParallelPatchParallelGuider",
     "HiResParallelPoolStatus",
     "HiResParallelPoolShutdown",
+    "HiResParallelStructureGuidedHiRes",
+    "HiResParallelParaTAASampler",
+    "HiResParallelCoopGuider",
+    "HiResParallelTimeDecoupledGuider",
 }
 
 

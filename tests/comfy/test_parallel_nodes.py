@@ -6,6 +6,7 @@ hundred, where one fp32 ulp is ~3e-5). The measured values are printed.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -38,12 +39,12 @@ def _reference(model, conds, latent, seed=5, steps=3, cfg=5.0, sampler="euler", 
 
 
 def _parallel(model, conds, latent, devices=2, cfg_parallel="off", seed=5, steps=3, cfg=5.0, sampler="euler",
-              scheduler="karras", device_weights="", mode="exact"):
+              scheduler="karras", device_weights="", mode="exact", **mode_options):
     from hires_parallel.nodes.parallel_sampler import HiResParallelPatchParallelKSampler
 
     out = HiResParallelPatchParallelKSampler.execute(model, seed, steps, cfg, sampler, scheduler, conds[0], conds[1],
                                                      latent, 1.0, devices, "cpu", mode, cfg_parallel,
-                                                     device_weights)
+                                                     device_weights, **mode_options)
     return out.result[0]["samples"]
 
 
@@ -216,3 +217,71 @@ def test_bad_input_is_refused_before_any_work(sd15):
 
     pool = current_pool()
     assert pool is None or pool.status().get("last_error") in (None, "")
+
+
+def _psnr(out, ref):
+    import math
+
+    mse = ((out - ref) ** 2).mean().item()
+    return 10 * math.log10(ref.abs().max().item() ** 2 / mse)
+
+
+def test_displaced_and_partial_modes_through_the_pool_with_per_step_accounting(sd15):
+    """The node's mode inputs reach the workers; LAST_RUN (what Parallel Pool Status shows) has bytes and wait
+    seconds per step and rank by kind, for exact warmup steps and stale steps apart. Fidelity floor as in
+    tests/comfy/test_displaced_modes.py (latent PSNR against the single-device KSampler)."""
+    from hires_parallel.nodes.parallel_sampler import pool_status_text
+    from hires_parallel.parallel import submit
+
+    conds = make_conds(sd15, seed=1)
+    latent = _latent(40, 32)
+    ref = _reference(sd15, conds, latent, steps=6)
+    per_step = {}
+    for mode in ("displaced", "partial"):
+        out = _parallel(sd15, conds, latent, steps=6, mode=mode, warmup=2, groupnorm="auto")
+        p = _psnr(out, ref)
+        print(f"\n[{mode}] 2 ranks, 6 steps, warmup 2: PSNR {p:.2f} dB, max abs err {(out - ref).abs().max().item():.3f}")
+        assert p >= 40.0
+        status = json.loads(pool_status_text())["last_run"]
+        assert status["mode"] == mode
+        assert status["stale"]["warmup"] == 2 and status["stale"]["groupnorm"] == "sync"  # auto: small latent
+        for rank, row in enumerate(status["comm_per_step"]):
+            assert row["rank"] == rank and row["steps"] == 6
+            assert row["exact"]["steps"] == 2 and row["stale"]["steps"] == 4
+            for part in ("exact", "stale"):
+                assert set(row[part]["bytes_sent"]) >= {"halo", "groupnorm", "kv", "output"}
+                assert row[part]["bytes_received"]["kv"] > 0 and "kv" in row[part]["wait_s"]
+        steps = status["ranks"][0]["comm_steps"]
+        assert [s["stale_calls"] for s in steps] == [0, 0, 1, 1, 1, 1]
+        per_step[mode] = status["comm_per_step"][0]
+    kv = {m: per_step[m]["stale"]["bytes_sent"]["kv"] for m in per_step}
+    assert kv["partial"] < 0.5 * kv["displaced"], kv
+    assert per_step["partial"]["exact"]["bytes_sent"]["kv"] == per_step["displaced"]["exact"]["bytes_sent"]["kv"]
+
+
+def test_mode_options_are_checked_before_any_work(sd15):
+    from hires_parallel.parallel.submit import ParallelInputError
+
+    conds = make_conds(sd15, seed=1)
+    for bad, match in ((dict(partial_fraction=1.5), "partial_fraction must be between 0 and 1"),
+                       (dict(partial_fraction_late=-0.5), "partial_fraction_late must be between 0 and 1, or -1"),
+                       (dict(groupnorm="fast"), "groupnorm must be one of"),
+                       (dict(warmup=-1), "warmup must be a whole number")):
+        with pytest.raises(ParallelInputError, match=match):
+            _parallel(sd15, conds, _latent(), mode="partial", **bad)
+    with pytest.raises(ParallelInputError, match="mode must be one of"):
+        _parallel(sd15, conds, _latent(), mode="async")
+
+
+def test_mode_inputs_are_optional_and_appended_so_saved_workflows_load():
+    """Workflows saved before the mode settings existed hold widget values up to device_weights only: the new
+    inputs come after every older one and are optional, and execute() defaults them (the runs above pass none)."""
+    from hires_parallel.nodes.parallel_sampler import HiResParallelPatchParallelGuider, HiResParallelPatchParallelKSampler
+
+    new = ["warmup", "partial_fraction", "partial_fraction_late", "groupnorm"]
+    for node in (HiResParallelPatchParallelKSampler, HiResParallelPatchParallelGuider):
+        inputs = node.define_schema().inputs
+        names = [i.id for i in inputs]
+        assert names[-5:] == ["device_weights", *new], names
+        assert all(i.optional for i in inputs[-4:])
+        assert names.index("mode") < names.index("device_weights")

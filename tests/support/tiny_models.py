@@ -636,3 +636,103 @@ def build_checkpoint(ckpt_name: str, seed: int = 0) -> tuple:
     if family_for_checkpoint_name(ckpt_name) == "sdxl":
         return build_sdxl(seed), build_tiny_sdxl_clip(seed), build_tiny_vae(seed)
     return build_sd15(seed), build_tiny_clip(seed), build_tiny_vae(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# a second latent space: a tiny SD3-family flow model (16 channels) and exact linear VAEs
+
+
+def sd3_unet_config(depth: int = 2, context_dim: int = SD15_CONTEXT_DIM, pooled_dim: int = SD15_CONTEXT_DIM) -> dict:
+    """unet_config of the tiny SD3-family MMDiT: 16 channels in and out, patch 2, hidden 64 * depth,
+    ``depth`` heads, a linear context embedder from ``context_dim``, pooled vector of ``pooled_dim``;
+    positions from the 2-D sin-cos table computed per size (no learned pos_embed)."""
+    return {
+        "in_channels": 16,
+        "out_channels": 16,
+        "patch_size": 2,
+        "depth": int(depth),
+        "adm_in_channels": int(pooled_dim),
+        "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": int(context_dim), "out_features": 64 * int(depth)}},
+        "pos_embed_max_size": 96,
+        "num_patches": None,
+        "pos_embed_scaling_factor": None,
+        "input_size": None,
+        "qk_norm": None,
+        "x_block_self_attn_layers": [],
+    }
+
+
+def build_tiny_sd3(seed: int = 0, depth: int = 2, dtype=None):
+    """A tiny SD3-family model (``comfy.supported_models.SD3`` -> ``model_base.SD3``, FLOW, shift 3,
+    ``latent_formats.SD3``: 16 latent channels) in a real ModelPatcher. MMDiT with depth 2 (hidden 128,
+    2 heads), patch 2 (latent sides must be even), context 64, pooled 64 (see ``make_sd3_conds``).
+    About 1.1M parameters. Returns a clone of the cached patcher."""
+    _ensure_comfy()
+    key = ("sd3", int(seed), int(depth), str(dtype))
+    base = _cached(key, lambda: _build_unet("SD3", sd3_unet_config(depth), {}, seed, dtype))
+    return base.clone()
+
+
+def make_sd3_conds(seed: int, prompt_len: int = 77, context_dim: int = SD15_CONTEXT_DIM, pooled_dim: int = SD15_CONTEXT_DIM) -> tuple[list, list]:
+    """Positive and negative conditioning for ``build_tiny_sd3``: cond (1, prompt_len, 64) and
+    pooled_output (1, 64), deterministic from ``seed``; fresh tensors on every call."""
+    _ensure_comfy()
+    import torch
+
+    g = torch.Generator().manual_seed(int(seed))
+
+    def one() -> list:
+        return [[torch.randn(1, prompt_len, context_dim, generator=g), {"pooled_output": torch.randn(1, pooled_dim, generator=g)}]]
+
+    positive = one()
+    negative = one()
+    return positive, negative
+
+
+def build_linear_vae(seed: int = 0, latent_channels: int = 4, ratio: int = 8, gain: float = 0.002):
+    """A real ``comfy.sd.VAE`` (own ModelPatcher, loaded by ``vae.decode`` / ``vae.encode`` through ComfyUI's
+    model management) whose autoencoder is linear with an EXACT round trip.
+
+    decode: each latent pixel becomes a ratio x ratio x 3 patch, ``gain * W^T z`` (W has orthonormal rows,
+    seeded); encode: ``W x / gain`` per patch. So ``encode(decode(z)) == z`` up to float rounding as long as
+    the decoded values stay inside [-1, 1] (ComfyUI clamps images to [0, 1]); ``latent_channels`` may be
+    4 or 16 (at most 3 * ratio ** 2). The small default gain keeps the raw latents of the tiny random UNets
+    (std about 90, peaks about 350 after SD1.5's 1 / 0.18215) inside that range. Cached per arguments; the
+    same VAE object is returned on every call.
+    """
+    _ensure_comfy()
+    key = ("linear_vae", int(seed), int(latent_channels), int(ratio), float(gain))
+
+    def build():
+        import torch
+
+        import comfy.model_management as mm
+        import comfy.model_patcher
+
+        patch = 3 * ratio * ratio
+        if latent_channels > patch:
+            raise ValueError("latent_channels must be at most 3 * ratio ** 2")
+        g = torch.Generator().manual_seed(_param_seed(seed, "linear_vae/{}".format(latent_channels)))
+        q, _ = torch.linalg.qr(torch.randn(patch, latent_channels, generator=g, dtype=torch.float64))
+        weight = q.T.contiguous().float().reshape(latent_channels, 3, ratio, ratio)
+
+        class LinearPatchAutoencoder(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+
+            def decode(self, z, **kwargs):
+                return torch.nn.functional.conv_transpose2d(z, self.weight.to(z.dtype), stride=ratio) * gain
+
+            def encode(self, x):
+                return torch.nn.functional.conv2d(x, self.weight.to(x.dtype), stride=ratio) / gain
+
+        vae = copy.copy(build_tiny_vae(seed))  # a real VAE's attributes (devices, dtype, memory estimates)
+        module = LinearPatchAutoencoder().eval().to(vae.vae_dtype)
+        vae.first_stage_model = module
+        vae.patcher = comfy.model_patcher.ModelPatcher(module, load_device=vae.device, offload_device=mm.vae_offload_device())
+        vae.latent_channels = int(latent_channels)
+        vae.downscale_ratio = vae.upscale_ratio = int(ratio)
+        return vae
+
+    return _cached(key, build)

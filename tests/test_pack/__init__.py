@@ -7,9 +7,11 @@ CheckpointLoaderSimple, built by tests/support/tiny_models.py with seeded random
 
 * a name containing "xl" (any case): tiny SDXL UNet (adm 2816, context 64) + tiny SDXL dual CLIP
   (conditioning (1, 77, 64), pooled_output projected to (1, 1280)) + tiny VAE;
+* a name containing "shapes" (any case): the TRAINED shapes model of benchmarks/shapes_model.py
+  (models/hires_shapes.safetensors; SD1.5 family, its CLIP and its fixed linear VAE; weight_seed unused);
 * any other name: tiny SD1.5 UNet (context 64) + tiny SD1 CLIP (conditioning (1, 77, 64)) + tiny VAE.
 
-The name chooses nothing but the family; the optional ``weight_seed`` chooses the weights.
+Apart from "shapes", the name chooses nothing but the family; the optional ``weight_seed`` chooses the weights.
 
 The server tests copy or link this folder into a temporary custom_nodes folder, where tests/ is not
 on sys.path, so the tests folder is found from this file's own (symlink-resolved) location, else
@@ -62,7 +64,8 @@ class HiResTestCheckpointLoader:
             "required": {
                 "ckpt_name": ("STRING", {
                     "default": "tiny_sd15.safetensors",
-                    "tooltip": "Any checkpoint file name; names containing 'xl' give the SDXL family, others SD1.5.",
+                    "tooltip": "Any checkpoint file name; names containing 'xl' give the SDXL family, 'shapes' the "
+                               "trained shapes model, others SD1.5.",
                 }),
             },
             "optional": {
@@ -74,6 +77,13 @@ class HiResTestCheckpointLoader:
         }
 
     def load_checkpoint(self, ckpt_name, weight_seed=0):
+        if "shapes" in str(ckpt_name).lower():
+            benchmarks = os.path.join(os.path.dirname(_TESTS), "benchmarks")
+            if benchmarks not in sys.path:
+                sys.path.insert(0, benchmarks)
+            import shapes_model
+
+            return shapes_model.load_shapes_model()
         return tiny_models.build_checkpoint(ckpt_name, int(weight_seed))
 
 

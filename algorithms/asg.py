@@ -1,0 +1,447 @@
+"""Structure-guided high-resolution sampling (ASGDiffusion, arXiv 2412.06163; builds on CutDiffusion).
+
+The sampler only ever sees the high-resolution latent x (G, C, H, W). Each model call is replaced by
+``asg_denoise(x, sigma, denoise, plan, step, total)``, which returns D for the whole latent from
+native-size model calls:
+
+* stage 1 (the first ``structure_fraction`` of the steps): the latent is cut into N = n_h * n_w strided
+  views ``x[..., a::n_h, b::n_w]`` (each a full field-of-view low-resolution image). Optionally each
+  location's pixels are shuffled across the views before the model call and put back after it (pixel
+  interaction). View 0 is the key view; every other view's noise prediction is pulled towards it:
+  ``eps_i' = eps_i + w_t * M_i * (eps_0 - eps_i)``, with M_i a cross-attention mask in [0, 1] (or 1).
+  In asynchronous mode eps_0 and M come from the previous step, so no view waits for the key view.
+* stage 2: overlapping windows of the native size (stride half a window, seeded jitter of the
+  interior windows) are denoised and their D averaged (MultiDiffusion).
+
+Everything is a function of tensors and a batched ``denoise(x_batch, sigma_batch, pieces) -> D``
+callable; ``pieces`` says what each sample is (its group, view or window) so a caller can pick the
+conditioning (SDXL crop coordinates per window, say). Pure torch: nothing here imports ComfyUI.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Hashable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "SCHEDULES",
+    "ASGInputError",
+    "Piece",
+    "ASGPlan",
+    "ASGState",
+    "view_grid",
+    "scatter_views",
+    "gather_views",
+    "interaction_permutation",
+    "permute_views",
+    "unpermute_views",
+    "guidance_weight",
+    "structure_steps",
+    "eps_from_denoised",
+    "denoised_from_eps",
+    "guide_denoised",
+    "normalize_maps",
+    "combine_level_maps",
+    "prompt_token_mask",
+    "window_offsets",
+    "window_grid",
+    "window_counts",
+    "asg_denoise",
+]
+
+SCHEDULES = ("cosine", "constant")
+TOKENS_PER_CHUNK = 77  # CLIP's context: [start] + up to 75 prompt tokens + [end], padded to 77
+
+
+class ASGInputError(ValueError):
+    """A size or setting structure-guided sampling cannot take; the message says what to change."""
+
+    user_facing = True
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What one sample of a denoise batch is: a strided view or a window of group ``group`` of x."""
+
+    group: int
+    view: tuple[int, int] | None = None  # lattice offset (a, b) of x[..., a::n_h, b::n_w]
+    window: tuple[int, int] | None = None  # (top, left) of a window, in latent pixels
+
+
+Denoise = Callable[[Tensor, Tensor, Sequence[Piece]], Tensor]
+
+
+@dataclass
+class ASGPlan:
+    """The settings of one structure-guided run; view_h x view_w is the model's native latent size."""
+
+    view_h: int
+    view_w: int
+    guidance: float = 1.0  # w: 0 = independent views, 1 = views follow the key view fully (where M = 1)
+    schedule: str = "cosine"  # how w decays over stage 1
+    structure_fraction: float = 0.5  # share of the steps run as stage 1
+    pixel_interaction: bool = True
+    asynchronous: bool = False  # key-view eps and mask one step stale
+    use_mask: bool = True
+    jitter: int = 0  # stage-2 window jitter in latent pixels (clamped so windows still cover everything)
+    seed: int = 0
+    batch: int = 0  # samples per denoise call; 0 = all at once
+    flow: bool = False  # x = (1 - sigma) x0 + sigma eps instead of x = x0 + sigma eps
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ASGInputError(f"guidance schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}.")
+        if not 0.0 <= self.structure_fraction <= 1.0:
+            raise ASGInputError(f"structure_fraction must be in [0, 1]; got {self.structure_fraction}.")
+        if not 0.0 <= self.guidance <= 1.0:
+            raise ASGInputError(f"guidance must be in [0, 1]; got {self.guidance}.")
+        if self.view_h < 1 or self.view_w < 1:
+            raise ASGInputError(f"the native latent size must be positive; got {self.view_h}x{self.view_w}.")
+
+
+# ------------------------------------------------------------------------------------------- sizes
+
+
+def view_grid(height: int, width: int, view_h: int, view_w: int) -> tuple[int, int]:
+    """(n_h, n_w): how many native-size views tile a height x width latent per side."""
+    if height < view_h or width < view_w:
+        raise ASGInputError(
+            f"The latent is {height}x{width} (latent pixels) but the model's native size is {view_h}x{view_w}: "
+            f"structure-guided sampling makes images larger than native ({view_h * 8}x{view_w * 8} pixels or more). "
+            "Use a larger empty latent, or lower native_resolution."
+        )
+    if height % view_h or width % view_w:
+        raise ASGInputError(
+            f"The latent {height}x{width} is not a whole multiple of the native size {view_h}x{view_w} per side "
+            f"(image sides must be multiples of {view_h * 8} and {view_w * 8} pixels, e.g. {2 * view_h * 8}x"
+            f"{2 * view_w * 8}). Change the latent size, or set native_resolution to a divisor of both sides."
+        )
+    return height // view_h, width // view_w
+
+
+# ------------------------------------------------------------------------------------ stage 1: views
+
+
+def scatter_views(x: Tensor, n_h: int, n_w: int) -> Tensor:
+    """(G, C, H, W) -> (G, N, C, H/n_h, W/n_w); view a * n_w + b is x[..., a::n_h, b::n_w]."""
+    g, c, hh, ww = x.shape
+    h, w = hh // n_h, ww // n_w
+    return x.reshape(g, c, h, n_h, w, n_w).permute(0, 3, 5, 1, 2, 4).reshape(g, n_h * n_w, c, h, w)
+
+
+def gather_views(v: Tensor, n_h: int, n_w: int) -> Tensor:
+    """Exact inverse of scatter_views: (G, N, C, h, w) -> (G, C, h * n_h, w * n_w)."""
+    g, _, c, h, w = v.shape
+    return v.reshape(g, n_h, n_w, c, h, w).permute(0, 3, 4, 1, 5, 2).reshape(g, c, h * n_h, w * n_w)
+
+
+def interaction_permutation(groups: int, views: int, h: int, w: int, generator: torch.Generator) -> Tensor:
+    """A random permutation of the views at every location: (G, N, h, w) long, CPU, from ``generator``."""
+    return torch.rand(groups, views, h, w, generator=generator).argsort(dim=1)
+
+
+def permute_views(v: Tensor, perm: Tensor) -> Tensor:
+    """out[g, n, :, i, j] = v[g, perm[g, n, i, j], :, i, j] (pixel interaction before the model call)."""
+    index = perm.to(v.device).unsqueeze(2).expand(-1, -1, v.shape[2], -1, -1)
+    return torch.gather(v, 1, index)
+
+
+def unpermute_views(v: Tensor, perm: Tensor) -> Tensor:
+    """Exact inverse of permute_views (puts every pixel back into the view it came from)."""
+    index = perm.to(v.device).unsqueeze(2).expand(-1, -1, v.shape[2], -1, -1)
+    return torch.empty_like(v).scatter_(1, index, v)
+
+
+# ------------------------------------------------------------------------------------------ guidance
+
+
+def structure_steps(total: int, fraction: float) -> int:
+    """How many of ``total`` steps run as stage 1."""
+    return max(0, min(total, int(round(total * fraction))))
+
+
+def guidance_weight(step: int, stage1: int, guidance: float, schedule: str) -> float:
+    """w_t for stage-1 step ``step`` of ``stage1``: constant, or cosine decay from w to 0 over stage 1."""
+    if schedule not in SCHEDULES:
+        raise ASGInputError(f"guidance schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}.")
+    if stage1 <= 0 or step >= stage1:
+        return 0.0
+    if schedule == "constant":
+        return float(guidance)
+    return float(guidance) * 0.5 * (1.0 + math.cos(math.pi * step / stage1))
+
+
+def _col(sigma: Tensor, ndim: int) -> Tensor:
+    return sigma.reshape(sigma.shape[0], *([1] * (ndim - 1)))
+
+
+def eps_from_denoised(x: Tensor, d: Tensor, sigma: Tensor, flow: bool = False) -> Tensor:
+    """eps = (x - D) / sigma (EPS/V), or (x - (1 - sigma) D) / sigma (flow); sigma per sample of dim 0."""
+    s = _col(sigma, x.dim()).to(x.dtype)
+    return (x - (1.0 - s) * d) / s if flow else (x - d) / s
+
+
+def denoised_from_eps(x: Tensor, eps: Tensor, sigma: Tensor, flow: bool = False) -> Tensor:
+    """Inverse of eps_from_denoised: D = x - sigma eps (EPS/V), or (x - sigma eps) / (1 - sigma) (flow)."""
+    s = _col(sigma, x.dim()).to(x.dtype)
+    return (x - s * eps) / (1.0 - s) if flow else x - s * eps
+
+
+def guide_denoised(views: Tensor, d: Tensor, key_eps: Tensor, w: float, sigma: Tensor, mask: Tensor | None = None,
+                   flow: bool = False) -> Tensor:
+    """D of every view after eps_i' = eps_i + w * M_i * (key_eps - eps_i); view 0 (the key view) unchanged.
+
+    views, d: (G, N, C, h, w); key_eps: (G, C, h, w); mask: (G, N, 1, h, w) in [0, 1] or None (M = 1);
+    sigma: (G,). The change is applied to D directly (dD = -sigma deps, or -sigma / (1 - sigma) deps for
+    flow), so w = 0 returns d unchanged. Groups where eps or D is undefined (sigma 0, or flow at sigma 1)
+    are left unguided.
+    """
+    if w == 0.0 or views.shape[1] < 2:
+        return d
+    s = sigma.to(d.dtype)
+    ok = (s > 0) & ((1.0 - s) > 1e-4 if flow else torch.ones_like(s, dtype=torch.bool))
+    safe = torch.where(ok, s, torch.full_like(s, 0.5))  # avoids 0/0 for the groups left alone
+    eps = eps_from_denoised(views.flatten(0, 1), d.flatten(0, 1), safe.repeat_interleave(views.shape[1]),
+                            flow).reshape(d.shape)
+    delta = (key_eps.unsqueeze(1) - eps[:, 1:]) * w
+    if mask is not None:
+        delta = delta * mask[:, 1:].to(delta.dtype)
+    scale = -safe / (1.0 - safe) if flow else -safe
+    scale = torch.where(ok, scale, torch.zeros_like(scale)).reshape(-1, 1, 1, 1, 1)
+    return torch.cat([d[:, :1], d[:, 1:] + scale * delta], dim=1)
+
+
+# ------------------------------------------------------------------------------- attention mask
+
+
+def normalize_maps(maps: Tensor) -> Tensor:
+    """Min-max normalise every map (over its last two dims) to [0, 1]; a flat map becomes all ones."""
+    flat = maps.flatten(-2).float()
+    lo, hi = flat.min(-1, keepdim=True).values, flat.max(-1, keepdim=True).values
+    span = hi - lo
+    out = torch.where(span > 1e-12, (flat - lo) / span.clamp_min(1e-12), torch.ones_like(flat))
+    return out.reshape(maps.shape)
+
+
+def combine_level_maps(levels: dict[int, tuple[Tensor, int]], size: tuple[int, int]) -> Tensor:
+    """Average per-level attention maps over layers, upsampled to ``size``.
+
+    levels: downsampling factor -> (sum over that level's layers of (n, h_l, w_l) maps, layer count).
+    Returns (n, *size): the mean over all layers (each layer weighs the same).
+    """
+    total, layers = None, 0
+    for factor in sorted(levels):
+        maps, count = levels[factor]
+        up = maps.float() if tuple(maps.shape[-2:]) == tuple(size) else F.interpolate(
+            maps.float().unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+        total = up if total is None else total + up
+        layers += count
+    if total is None:
+        raise ValueError("no attention maps were recorded")
+    return total / max(layers, 1)
+
+
+def prompt_token_mask(context: Tensor, chunk: int = TOKENS_PER_CHUNK, similarity: float = 0.9) -> Tensor:
+    """Which context tokens are prompt tokens: (G, T, D) -> (G, T) bool.
+
+    ComfyUI's CLIP tokenizers emit chunks of 77: [start] + up to 75 prompt tokens + [end] + padding.
+    Per chunk, position 0 (start) and position 76 (always end or padding) are special, and so is the
+    trailing run of padding: padding repeats one token, so its embeddings are near-duplicates of the
+    chunk's last one (cosine >= ``similarity``); where the end token is the padding token (SD1.x, SDXL's
+    CLIP-L) it joins that run. Contexts that are not made of 77-token chunks count every token.
+    """
+    g, t, _ = context.shape
+    keep = torch.ones(g, t, dtype=torch.bool, device=context.device)
+    if t % chunk:
+        return keep
+    c = context.float().reshape(g, t // chunk, chunk, -1)
+    cos = F.cosine_similarity(c, c[:, :, -1:], dim=-1)  # (G, chunks, 77)
+    near = cos >= similarity
+    # the trailing run: positions from which every later position is a near-duplicate of the last one
+    run = near.flip(-1).cumprod(-1).flip(-1).bool()
+    special = run.clone()
+    special[..., 0] = True
+    special[..., -1] = True
+    return (~special).reshape(g, t)
+
+
+# ----------------------------------------------------------------------------- stage 2: windows
+
+
+def window_offsets(size: int, window: int, jitter: int = 0, generator: torch.Generator | None = None) -> list[int]:
+    """Start offsets of windows of ``window`` along a side of ``size``: stride window // 2, the first at 0
+    and the last at size - window; interior ones move by up to ``jitter`` (clamped to window // 4, which
+    keeps neighbours overlapping, so every pixel stays covered)."""
+    if size < window:
+        raise ASGInputError(f"a window of {window} does not fit in {size}")
+    if size == window:
+        return [0]
+    stride = max(1, window // 2)
+    n = math.ceil((size - window) / stride) + 1
+    offsets = [min(i * stride, size - window) for i in range(n)]
+    jitter = max(0, min(int(jitter), window // 4))
+    if jitter and generator is not None and n > 2:
+        shifts = torch.randint(-jitter, jitter + 1, (n - 2,), generator=generator).tolist()
+        for i, s in enumerate(shifts, start=1):
+            offsets[i] = max(0, min(size - window, offsets[i] + s))
+    return sorted(set(offsets))
+
+
+def window_grid(height: int, width: int, view_h: int, view_w: int, jitter: int = 0,
+                generator: torch.Generator | None = None) -> list[tuple[int, int]]:
+    """(top, left) of every stage-2 window, row-major."""
+    rows = window_offsets(height, view_h, jitter, generator)
+    cols = window_offsets(width, view_w, jitter, generator)
+    return [(t, left) for t in rows for left in cols]
+
+
+def window_counts(height: int, width: int, view_h: int, view_w: int, windows: Sequence[tuple[int, int]]) -> Tensor:
+    """How many windows cover each latent pixel: (height, width) float."""
+    count = torch.zeros(height, width)
+    for t, left in windows:
+        count[t:t + view_h, left:left + view_w] += 1
+    return count
+
+
+# ------------------------------------------------------------------------------------- the method
+
+
+class ASGState:
+    """The one-step-stale key-view eps and masks of a run, kept per key for the last two steps."""
+
+    def __init__(self) -> None:
+        self.eps: dict[Hashable, list[tuple[int, Tensor]]] = {}
+        self.masks: dict[Hashable, list[tuple[int, Tensor]]] = {}
+
+    def reset(self) -> None:
+        self.eps.clear()
+        self.masks.clear()
+
+    @staticmethod
+    def put(table: dict, key: Hashable, step: int, value: Tensor) -> None:
+        entries = [e for e in table.get(key, []) if e[0] != step]
+        entries.append((step, value))
+        table[key] = sorted(entries, key=lambda e: e[0])[-2:]
+
+    @staticmethod
+    def get(table: dict, key: Hashable, before: int | None = None) -> Tensor | None:
+        """The newest value for key (from a step < before, when given)."""
+        entries = [e for e in table.get(key, []) if before is None or e[0] < before]
+        return entries[-1][1] if entries else None
+
+
+def _seed(seed: int, step: int, salt: int) -> int:
+    return (int(seed) * 1_000_003 + int(step) * 7919 + salt) % (2**63 - 1)
+
+
+def run_batched(denoise: Denoise, x: Tensor, sigma: Tensor, pieces: Sequence[Piece], batch: int) -> Tensor:
+    """denoise over x in chunks of ``batch`` samples (0 = one call); memory grows with the chunk, not N."""
+    n = x.shape[0]
+    step = n if batch <= 0 else batch
+    outs = [denoise(x[i:i + step], sigma[i:i + step], pieces[i:i + step]) for i in range(0, n, step)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+def asg_denoise(
+    x: Tensor,
+    sigma: Tensor,
+    denoise: Denoise,
+    plan: ASGPlan,
+    step: int,
+    total: int,
+    state: ASGState | None = None,
+    eps_keys: Sequence[Hashable] | None = None,
+    mask_keys: Sequence[Hashable] | None = None,
+    attention: Callable[[], Sequence[Tensor | None] | None] | None = None,
+) -> Tensor:
+    """D for the high-resolution latent x (G, C, H, W) at noise level sigma (G,) or scalar, step ``step`` of ``total``.
+
+    ``attention`` (stage 1, optional) is called after the view calls and returns per group the
+    cross-attention maps (N, h, w) of those calls (in the order the views were given to the model,
+    i.e. shuffled when pixel interaction is on), or None for a group without maps. ``eps_keys`` /
+    ``mask_keys`` name each group's key-view eps and mask in ``state`` (defaults: the group index).
+    """
+    g, c, hh, ww = x.shape
+    n_h, n_w = view_grid(hh, ww, plan.view_h, plan.view_w)
+    sig = sigma.reshape(-1).to(x.device)
+    sig = sig.expand(g) if sig.numel() == 1 else sig
+    if n_h == n_w == 1:  # native size: nothing to structure
+        return run_batched(denoise, x, sig, [Piece(i) for i in range(g)], plan.batch)
+    if step < structure_steps(total, plan.structure_fraction):
+        return _stage1(x, sig, denoise, plan, step, total, n_h, n_w, state, eps_keys, mask_keys, attention)
+    return _stage2(x, sig, denoise, plan, step)
+
+
+def _stage1(x: Tensor, sig: Tensor, denoise: Denoise, plan: ASGPlan, step: int, total: int, n_h: int, n_w: int,
+            state: ASGState | None, eps_keys, mask_keys, attention) -> Tensor:
+    g, c = x.shape[:2]
+    n = n_h * n_w
+    views = scatter_views(x, n_h, n_w)
+    h, w = views.shape[-2:]
+    perm = None
+    model_in = views
+    if plan.pixel_interaction:
+        perm = interaction_permutation(g, n, h, w, torch.Generator().manual_seed(_seed(plan.seed, step, 1)))
+        model_in = permute_views(views, perm)
+    pieces = [Piece(i, view=(v // n_w, v % n_w)) for i in range(g) for v in range(n)]
+    d = run_batched(denoise, model_in.reshape(g * n, c, h, w), sig.repeat_interleave(n), pieces, plan.batch)
+    d = d.reshape(g, n, c, h, w)
+    if perm is not None:
+        d = unpermute_views(d, perm)
+
+    wt = guidance_weight(step, structure_steps(total, plan.structure_fraction), plan.guidance, plan.schedule)
+    state = state if state is not None else ASGState()
+    eps_keys = list(eps_keys) if eps_keys is not None else list(range(g))
+    mask_keys = list(mask_keys) if mask_keys is not None else list(range(g))
+
+    mask = None
+    if plan.use_mask:
+        current = attention() if attention is not None else None
+        per_group = []
+        for i in range(g):
+            m = None if current is None else current[i]
+            if m is not None:
+                m = m.to(x.device).float().unsqueeze(1)  # (N, 1, h, w) in model order
+                if perm is not None:
+                    m = unpermute_views(m.unsqueeze(0), perm[i:i + 1]).squeeze(0)
+                m = normalize_maps(m)
+                ASGState.put(state.masks, mask_keys[i], step, m)
+            stale = ASGState.get(state.masks, mask_keys[i], before=step)
+            use = (stale if stale is not None else m) if plan.asynchronous else (
+                m if m is not None else ASGState.get(state.masks, mask_keys[i]))
+            per_group.append(use if use is not None else torch.ones(n, 1, h, w, device=x.device))
+        mask = torch.stack(per_group).to(d.dtype)
+
+    key_now = eps_from_denoised(views[:, 0], d[:, 0], sig, plan.flow) if wt > 0 else None
+    key = key_now
+    if plan.asynchronous and key_now is not None:
+        stale = [ASGState.get(state.eps, eps_keys[i], before=step) for i in range(g)]
+        key = torch.stack([s if s is not None else key_now[i] for i, s in enumerate(stale)])
+    if plan.asynchronous:  # kept for the next step even while w_t is 0 there
+        now = key_now if key_now is not None else eps_from_denoised(views[:, 0], d[:, 0], sig, plan.flow)
+        for i in range(g):
+            ASGState.put(state.eps, eps_keys[i], step, now[i])
+    if wt > 0:
+        d = guide_denoised(views, d, key, wt, sig, mask, plan.flow)
+    return gather_views(d, n_h, n_w)
+
+
+def _stage2(x: Tensor, sig: Tensor, denoise: Denoise, plan: ASGPlan, step: int) -> Tensor:
+    g, c, hh, ww = x.shape
+    h, w = plan.view_h, plan.view_w
+    wins = window_grid(hh, ww, h, w, plan.jitter, torch.Generator().manual_seed(_seed(plan.seed, step, 2)))
+    crops = torch.stack([x[i, :, t:t + h, left:left + w] for i in range(g) for t, left in wins])
+    pieces = [Piece(i, window=(t, left)) for i in range(g) for t, left in wins]
+    d = run_batched(denoise, crops, sig.repeat_interleave(len(wins)), pieces, plan.batch)
+    out = torch.zeros_like(x, dtype=d.dtype)
+    k = 0
+    for i in range(g):
+        for t, left in wins:
+            out[i, :, t:t + h, left:left + w] += d[k]
+            k += 1
+    count = window_counts(hh, ww, h, w, wins).to(device=out.device, dtype=out.dtype)
+    return out / count

@@ -1,0 +1,270 @@
+"""Repetition benchmark on the trained shapes model: does one subject stay one subject at 2x and 3x?
+
+The same seeds and prompts ("a <color> <shape>", one subject each) at 1x, 2x and 3x per side
+(256, 512, 768 pixels) with:
+
+* plain: ComfyUI's sampling straight at the size;
+* deep shrink: ComfyUI's built-in Kohya Deep Shrink (PatchModelAddDownscale; block 2 of this UNet is
+  the first downsample, the place of SD1.5's block 3; factor = the scale; 0 to 35% of the steps);
+* relay: the pack's block-noise relay (Relay Upscale Sampler's pieces) from the native-size plain result;
+* structure guidance: the pack's Structure-Guided HiRes (ASGDiffusion) patch with its defaults, when
+  ``hires_parallel.nodes.asg`` exists (the output says whether it was included);
+* parallel <mode>: the relay's second pass (the native pass at 1x) on 2 CPU ranks through the
+  Patch-Parallel runtime, for every mode in ``hires_parallel.parallel.submit.MODES`` with CFG parallel
+  off (so the image is cut into two row bands, which is what the band modes differ in) and their default
+  options; PSNR and max error against the same pass on one device.
+
+At 1x the hires methods would only repeat the native pass (the relay starts from it), so they run at 2x
+and 3x only; the grid shows the native image in their 1x column.
+
+Metrics (benchmarks/metrics.py) on the decoded images: connected components of the prompt's colour
+(mean count, share of images with exactly one), their size as a share of the canvas. Prints a table,
+writes JSON and one image grid (rows: methods; columns: scales, for the first seeds).
+
+    python benchmarks/bench_repetition.py [--seeds 12] [--steps 20] [--relay-steps 12]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+DEEP_SHRINK_BLOCK = 2  # input block after the first downsample of a num_res_blocks=1 UNet (SD1.5: block 3)
+RELAY_TIMESTEP = {2: 500.0, 3: 600.0}  # README: 500 for 2x, 600 for 3x to 4x
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="", help="model file (default: models/hires_shapes.safetensors)")
+    ap.add_argument("--seeds", type=int, default=12, help="seeds 0..N-1, prompt i = the i-th colour/shape pair")
+    ap.add_argument("--scales", default="1,2,3")
+    ap.add_argument("--steps", type=int, default=20, help="steps of plain / deep shrink / structure guidance")
+    ap.add_argument("--relay-steps", type=int, default=12, help="steps after the relay point")
+    ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--sampler", default="euler")
+    ap.add_argument("--scheduler", default="karras")
+    ap.add_argument("--modes", default="", help="parallel modes, comma separated (default: every mode that exists)")
+    ap.add_argument("--no-parallel", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads of the single-device runs (0: all cores)")
+    ap.add_argument("--grid-seeds", type=int, default=2, help="seeds shown in the grid")
+    ap.add_argument("--cell", type=int, default=144, help="grid cell side in pixels")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "repetition.json"))
+    ap.add_argument("--grid", default=str(REPO / "docs" / "images" / "repetition_grid.png"))
+    return ap.parse_args(argv)
+
+
+def node_defaults(node_cls) -> dict[str, Any]:
+    """A V3 node's widget defaults by input id (so the benchmark follows the node as it evolves)."""
+    return {i.id: i.default for i in node_cls.define_schema().inputs if getattr(i, "default", None) is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from hires_parallel.comfy_host import ensure_comfy
+
+    ensure_comfy(cpu=True)
+    import torch
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    import comfy.sample
+    import comfy.samplers
+    import nodes as comfy_nodes
+    from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
+
+    import metrics
+    import shapes_data
+    import shapes_model
+    from hires_parallel.algorithms.block_noise import relay_noise
+    from hires_parallel.nodes.relay import relay_sigmas, relay_upscale
+    from hires_parallel.parallel import submit
+    from hires_parallel.parallel.sampling_job import SamplerSpec
+
+    try:
+        import hires_parallel.nodes.asg as asg
+    except ImportError:
+        asg = None
+    try:
+        model, clip, vae = shapes_model.load_shapes_model(args.model or None)
+    except shapes_model.ShapesModelMissing as e:
+        print(e, file=sys.stderr)
+        return 2
+    scales = [int(s) for s in args.scales.split(",")]
+    modes = [] if args.no_parallel else ([m for m in args.modes.split(",") if m] or list(submit.MODES))
+    n = args.seeds
+    seeds = list(range(n))
+    pairs = [(c, s) for c in shapes_data.COLORS for s in shapes_data.SHAPES]
+    colors = [pairs[i % len(pairs)][0] for i in seeds]
+    prompts = [shapes_data.prompt_for(*pairs[i % len(pairs)]) for i in seeds]
+
+    encoded = [comfy_nodes.CLIPTextEncode().encode(clip, p)[0][0] for p in prompts]
+    positive = [[torch.cat([c for c, _ in encoded]), {"pooled_output": torch.cat([d["pooled_output"] for _, d in encoded])}]]
+    negative = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
+    ms = model.get_model_object("model_sampling")
+    native = shapes_model.NATIVE_PX // shapes_model.LATENT_RATIO
+
+    def seed_noise(side: int) -> torch.Tensor:  # KSampler's noise for each seed, stacked
+        return torch.cat([comfy.sample.prepare_noise(torch.zeros(1, 4, side, side), s) for s in seeds])
+
+    def guided(m, noise: torch.Tensor, latent: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        guider = comfy.samplers.CFGGuider(m)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(args.cfg)
+        return guider.sample(noise, latent, comfy.samplers.sampler_object(args.sampler), sigmas, disable_pbar=True,
+                             seed=seeds[0])
+
+    def full_sigmas() -> torch.Tensor:
+        return comfy.samplers.calculate_sigmas(ms, args.scheduler, args.steps).cpu()
+
+    runs: dict[tuple[str, int], dict] = {}  # (method, scale) -> latents, seconds, reference key
+
+    def timed(key: tuple[str, int], fn: Callable[[], torch.Tensor], reference: tuple[str, int] | None = None) -> None:
+        t0 = time.perf_counter()
+        latents = fn()
+        runs[key] = {"latents": latents.float().cpu(), "seconds": time.perf_counter() - t0, "reference": reference}
+        print(f"  {key[0]:28s} {key[1]}x  {runs[key]['seconds']:7.1f} s", flush=True)
+
+    relay_inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for scale in scales:
+        side = native * scale
+        empty = torch.zeros(n, 4, side, side)
+        print(f"scale {scale}x ({side * 8}x{side * 8} pixels, {n} seeds)", flush=True)
+        timed(("plain", scale), lambda: guided(model, seed_noise(side), empty, full_sigmas()))
+        if scale == 1:
+            continue
+        shrunk = PatchModelAddDownscale.execute(model, DEEP_SHRINK_BLOCK, float(scale), 0.0, 0.35, True, "bicubic",
+                                                "bicubic").result[0]
+        timed(("deep shrink", scale), lambda: guided(shrunk, seed_noise(side), empty, full_sigmas()))
+        low = runs[("plain", 1)]["latents"] if ("plain", 1) in runs else guided(model, seed_noise(native),
+                                                                              torch.zeros(n, 4, native, native),
+                                                                              full_sigmas())
+        z_up = relay_upscale(low, float(scale), "nearest (latent)")
+        sigmas = relay_sigmas(model, args.scheduler, args.relay_steps, "timestep", RELAY_TIMESTEP.get(scale, 600.0))
+        noise = torch.cat([relay_noise((1, *z_up.shape[1:]), s, 4, 0.3) for s in seeds])
+        relay_inputs[scale] = (noise, z_up, sigmas)
+        timed(("relay", scale), lambda: guided(model, noise, z_up, sigmas))
+        if asg is not None:
+            options = node_defaults(asg.HiResParallelStructureGuidedHiRes)
+            options.update(native_resolution=shapes_model.NATIVE_PX)
+            patched = asg.HiResParallelStructureGuidedHiRes.execute(model, **options).result[0]
+            timed(("structure guidance", scale), lambda: guided(patched, seed_noise(side), empty, full_sigmas()))
+
+    for mode in modes:
+        for scale in scales:
+            if scale == 1:
+                noise, start, sigmas, ref = seed_noise(native), torch.zeros(n, 4, native, native), full_sigmas(), ("plain", 1)
+            else:
+                (noise, start, sigmas), ref = relay_inputs[scale], ("relay", scale)
+            timed((f"parallel {mode}", scale), lambda: submit.run_sampling(
+                model, positive, negative, args.cfg, noise, start, sigmas, SamplerSpec(name=args.sampler), seeds[0],
+                None, ["cpu", "cpu"], cfg_parallel="off", mode=mode), reference=ref)
+    if modes:
+        from hires_parallel.parallel.pool import shutdown_pool
+
+        shutdown_pool()
+
+    # ------------------------------------------------------------------ metrics
+    images = {key: vae.decode(run["latents"]).clamp(0, 1) for key, run in runs.items()}
+    rows, per_image = [], []
+    for (method, scale), run in runs.items():
+        imgs = images[(method, scale)]
+        counts = [metrics.subject_count(imgs[i], colors[i]) for i in range(n)]
+        sizes = [metrics.subject_size(imgs[i], colors[i]) for i in range(n)]
+        row = {"method": method, "scale": scale, "pixels": int(imgs.shape[1]), "images": n,
+               "mean_count": round(statistics.fmean(counts), 3), "exactly_one": round(counts.count(1) / n, 3),
+               "mean_size": round(statistics.fmean(sizes), 4), "s_per_image": round(run["seconds"] / n, 2),
+               "psnr_min_db": None, "max_error": None}
+        if run["reference"] is not None:
+            fids = [metrics.fidelity(imgs[i], images[run["reference"]][i]) for i in range(n)]
+            worst = min(f["psnr"] for f in fids)
+            row["psnr_min_db"] = "inf" if math.isinf(worst) else round(worst, 2)
+            row["max_error"] = max(f["max_error"] for f in fids)
+            row["reference"] = f"{run['reference'][0]} {run['reference'][1]}x on 1 device"
+        rows.append(row)
+        per_image += [{"method": method, "scale": scale, "seed": s, "prompt": prompts[i], "count": counts[i],
+                       "size": round(sizes[i], 4)} for i, s in enumerate(seeds)]
+    order = {"plain": 0, "deep shrink": 1, "relay": 2, "structure guidance": 3}
+    rows.sort(key=lambda r: (order.get(r["method"], 4), r["method"], r["scale"]))
+
+    print(f"\nrepetition: {n} seeds x {len(scales)} scales; {args.sampler}/{args.scheduler}, cfg {args.cfg}, "
+          f"{args.steps} steps ({args.relay_steps} after the relay point)")
+    print("structure guidance: " + ("included (hires_parallel.nodes.asg, node defaults, native 256)" if asg is not None
+                                    else "not included (hires_parallel.nodes.asg does not exist in this checkout)"))
+    print(f"{'method':28s} {'scale':>5s} {'count':>6s} {'one':>5s} {'size':>6s} {'PSNR min':>9s} {'max err':>8s} {'s/img':>6s}")
+    for r in rows:
+        psnr = "-" if r["psnr_min_db"] is None else str(r["psnr_min_db"])
+        err = "-" if r["max_error"] is None else f"{r['max_error']:.1e}"
+        print(f"{r['method']:28s} {r['scale']:4d}x {r['mean_count']:6.2f} {r['exactly_one']:5.0%} {r['mean_size']:6.1%} "
+              f"{psnr:>9s} {err:>8s} {r['s_per_image']:6.2f}")
+
+    model_json = pathlib.Path(shapes_model.MODEL_PATH if not args.model else args.model).with_suffix(".json")
+    trained = json.loads(model_json.read_text()) if model_json.is_file() else {}
+    result = {
+        "benchmark": "repetition",
+        "model": {"file": str(pathlib.Path(args.model or shapes_model.MODEL_PATH).name),
+                  "steps_done": trained.get("steps_done"), "wall_minutes": trained.get("wall_minutes"),
+                  "loss_final": trained.get("loss_final")},
+        "settings": {"seeds": seeds, "prompts": prompts, "scales": scales, "steps": args.steps,
+                     "relay_steps": args.relay_steps, "relay_timestep": {str(k): v for k, v in RELAY_TIMESTEP.items()},
+                     "cfg": args.cfg, "sampler": args.sampler, "scheduler": args.scheduler,
+                     "deep_shrink": {"block_number": DEEP_SHRINK_BLOCK, "downscale_factor": "scale",
+                                     "start_percent": 0.0, "end_percent": 0.35},
+                     "relay": {"upscale": "nearest (latent)", "block_size": 4, "strength": 0.3},
+                     "parallel": {"devices": 2, "device_kind": "cpu", "modes": modes},
+                     "metrics": {"saturation": metrics.SATURATION, "min_fraction": metrics.MIN_FRACTION}},
+        "structure_guidance": "included" if asg is not None else "not available",
+        "machine": {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform(),
+                    "torch": torch.__version__},
+        "rows": rows, "per_image": per_image,
+    }
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    if args.grid:
+        grid_rows = [m for m in ("plain", "deep shrink", "relay", "structure guidance") if any(k[0] == m for k in runs)]
+        grid_rows += [f"parallel {m}" for m in modes if m not in ("exact", "batch")]  # only modes that may differ
+        write_grid(pathlib.Path(args.grid), images, grid_rows, scales, min(args.grid_seeds, n), prompts, args.cell)
+        print(f"wrote {args.grid}")
+    return 0
+
+
+def write_grid(path: pathlib.Path, images: dict, methods: list[str], scales: list[int], shown: int, prompts: list[str],
+               cell: int) -> None:
+    """Rows: methods; columns: (seed, scale). Every image shrunk to `cell` pixels; missing cells stay blank."""
+    from PIL import Image, ImageDraw
+
+    label_w, head_h, pad = 112, 30, 4
+    cols = [(i, s) for i in range(shown) for s in scales]
+    width = label_w + len(cols) * (cell + pad)
+    height = head_h + len(methods) * (cell + pad)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for c, (i, s) in enumerate(cols):
+        x = label_w + c * (cell + pad)
+        draw.text((x + 2, 2), prompts[i], fill=(0, 0, 0))
+        draw.text((x + 2, 15), f"{s}x ({s * 256}px)", fill=(0, 0, 0))
+    for r, method in enumerate(methods):
+        y = head_h + r * (cell + pad)
+        draw.text((4, y + cell // 2 - 6), method, fill=(0, 0, 0))
+        for c, (i, s) in enumerate(cols):
+            key = (method, s) if (method, s) in images else ("plain", s) if s == 1 else None
+            if key is None or key not in images:
+                continue
+            arr = (images[key][i].clamp(0, 1) * 255).round().byte().cpu().numpy()
+            canvas.paste(Image.fromarray(arr).resize((cell, cell), Image.BILINEAR), (label_w + c * (cell + pad), y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, optimize=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The shapes model as ComfyUI objects: the fixed-map VAE through ComfyUI's nodes, and the trained file
+(models/hires_shapes.safetensors) through the test pack's loader, drawing the subject it is asked for."""
+import pathlib
+import sys
+
+import pytest
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def test_vae_nodes_encode_with_the_fixed_map_and_decode_to_the_same_subject():
+    import comfy.sd
+    import nodes
+
+    import metrics
+    import shapes_data
+    import shapes_model
+
+    vae = shapes_model.make_vae()
+    assert isinstance(vae, comfy.sd.VAE) and vae.latent_channels == 4 and vae.downscale_ratio == 8
+    sample = shapes_data.make_sample(seed=1, index=2)
+    latent = nodes.VAEEncode().encode(vae, sample.image[None])[0]["samples"]
+    pooled = torch.nn.functional.avg_pool2d(sample.image[None].permute(0, 3, 1, 2) * 2 - 1, 8)
+    by_hand = torch.einsum("lc,bchw->blhw", shapes_model.LATENT_MATRIX, pooled) / shapes_model.SD15_SCALE
+    assert latent.shape == (1, 4, 32, 32) and torch.allclose(latent, by_hand, atol=1e-4)
+    # the model-space latent (x 0.18215) has a standard deviation near SD's 1 on the data set
+    assert 0.5 < float((latent * shapes_model.SD15_SCALE).std()) < 2.0
+    image = nodes.VAEDecode().decode(vae, {"samples": latent})[0]
+    assert image.shape == (1, 256, 256, 3)
+    assert metrics.subject_count(image, sample.color) == 1
+    assert metrics.fidelity(image, sample.image[None])["psnr"] > 20.0
+    # decoding is the exact inverse of the map on the pooled image (before upsampling)
+    rgb = torch.einsum("cl,blhw->bchw", torch.linalg.pinv(vae.first_stage_model.matrix.float()), latent)
+    assert torch.allclose(rgb, pooled, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_pack import HiResTestCheckpointLoader
+
+    return HiResTestCheckpointLoader().load_checkpoint("hires_shapes.safetensors")
+
+
+def test_the_test_pack_loads_the_trained_model(shapes):
+    import comfy.latent_formats
+    import comfy.model_base
+
+    import shapes_model
+
+    model, clip, vae = shapes
+    config = shapes_model.read_config(shapes_model.MODEL_PATH)
+    assert isinstance(model.model, comfy.model_base.BaseModel)
+    assert model.model.model_type == comfy.model_base.ModelType.EPS
+    assert isinstance(model.get_model_object("latent_format"), comfy.latent_formats.SD15)
+    assert model.model.model_config.unet_config["model_channels"] == config["unet"]["model_channels"]
+    assert isinstance(vae.first_stage_model, shapes_model.LatentMap)
+
+
+def test_the_trained_model_draws_one_subject_of_the_prompted_colour_at_native_size(shapes):
+    """A quality bar on the embedded model: most native-size images show one subject of the asked colour."""
+    import comfy.sample
+    import nodes
+
+    import metrics
+
+    model, clip, vae = shapes
+    prompts = [("red", "circle"), ("green", "square"), ("blue", "triangle"), ("yellow", "circle"),
+               ("red", "square"), ("blue", "circle")]
+    neg = nodes.CLIPTextEncode().encode(clip, "")[0]
+    ok = 0
+    for seed, (color, shape) in enumerate(prompts):
+        pos = nodes.CLIPTextEncode().encode(clip, f"a {color} {shape}")[0]
+        latent = torch.zeros(1, 4, 32, 32)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        out = comfy.sample.sample(model, noise, 20, 5.0, "euler", "karras", pos, neg, latent, disable_pbar=True, seed=seed)
+        image = vae.decode(out)
+        others = sum(metrics.subject_count(image, c) for c in metrics.COLORS if c != color)
+        ok += metrics.subject_count(image, color) == 1 and others == 0
+    assert ok >= len(prompts) - 1, f"only {ok} of {len(prompts)} images show one subject of the prompted colour"
