@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {key[0]:28s} {key[1]}x  {runs[key]['seconds']:7.1f} s", flush=True)
 
     relay_inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    asg_status = "not included (hires_parallel.nodes.asg does not exist in this checkout)" if asg is None else "not run"
     for scale in scales:
         side = native * scale
         empty = torch.zeros(n, 4, side, side)
@@ -152,11 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         noise = torch.cat([relay_noise((1, *z_up.shape[1:]), s, 4, 0.3) for s in seeds])
         relay_inputs[scale] = (noise, z_up, sigmas)
         timed(("relay", scale), lambda: guided(model, noise, z_up, sigmas))
-        if asg is not None:
-            options = node_defaults(asg.HiResParallelStructureGuidedHiRes)
-            options.update(native_resolution=shapes_model.NATIVE_PX)
-            patched = asg.HiResParallelStructureGuidedHiRes.execute(model, **options).result[0]
-            timed(("structure guidance", scale), lambda: guided(patched, seed_noise(side), empty, full_sigmas()))
+        if asg is not None and not asg_status.startswith("failed"):
+            try:  # another part of the pack, still moving: a failure is reported, not fatal
+                options = node_defaults(asg.HiResParallelStructureGuidedHiRes)
+                options.update(native_resolution=shapes_model.NATIVE_PX)
+                patched = asg.HiResParallelStructureGuidedHiRes.execute(model, **options).result[0]
+                timed(("structure guidance", scale), lambda: guided(patched, seed_noise(side), empty, full_sigmas()))
+                asg_status = "included (hires_parallel.nodes.asg, node defaults, native 256)"
+            except Exception as e:  # noqa: BLE001
+                asg_status = f"failed: {type(e).__name__}: {e}"
 
     for mode in modes:
         for scale in scales:
@@ -197,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nrepetition: {n} seeds x {len(scales)} scales; {args.sampler}/{args.scheduler}, cfg {args.cfg}, "
           f"{args.steps} steps ({args.relay_steps} after the relay point)")
-    print("structure guidance: " + ("included (hires_parallel.nodes.asg, node defaults, native 256)" if asg is not None
-                                    else "not included (hires_parallel.nodes.asg does not exist in this checkout)"))
+    print("structure guidance: " + asg_status)
     print(f"{'method':28s} {'scale':>5s} {'count':>6s} {'one':>5s} {'size':>6s} {'PSNR min':>9s} {'max err':>8s} {'s/img':>6s}")
     for r in rows:
         psnr = "-" if r["psnr_min_db"] is None else str(r["psnr_min_db"])
@@ -221,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                      "relay": {"upscale": "nearest (latent)", "block_size": 4, "strength": 0.3},
                      "parallel": {"devices": 2, "device_kind": "cpu", "modes": modes},
                      "metrics": {"saturation": metrics.SATURATION, "min_fraction": metrics.MIN_FRACTION}},
-        "structure_guidance": "included" if asg is not None else "not available",
+        "structure_guidance": asg_status,
         "machine": {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__},
         "rows": rows, "per_image": per_image,

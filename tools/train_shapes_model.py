@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--res-blocks", type=int, default=1, help="UNet num_res_blocks")
     ap.add_argument("--latent", type=int, default=32, help="training latent side (pixels / 8)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads; 0: auto, all cores while the machine is otherwise idle, else 1")
     ap.add_argument("--checkpoint-minutes", type=float, default=3.0)
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     ap.add_argument("--log-every", type=int, default=50)
@@ -70,6 +71,14 @@ def step_generator(seed: int, step: int):
     import torch
 
     return torch.Generator().manual_seed(zlib.crc32(f"train/{seed}/{step}".encode("ascii")))
+
+
+def auto_threads(current: int) -> int:
+    """All cores when nothing else runs, else 1: on a shared machine two OpenMP threads that wait for each
+    other at every op are much slower than one (measured here: over 7 s/step instead of 2)."""
+    cores = os.cpu_count() or 1
+    others = os.getloadavg()[0] - current  # the 1-minute load average counts our own threads too
+    return cores if others < 0.5 else 1
 
 
 def init_unet_(unet, seed: int) -> None:
@@ -94,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_comfy(cpu=True)
     import torch
 
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or auto_threads(0))
     import comfy.latent_formats
     import shapes_data
     import shapes_model
@@ -132,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     sigmas = base.model_sampling.sigmas.float()  # ComfyUI's SD1.x discrete schedule, one sigma per timestep
     alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)
 
-    step, spent, losses = 0, 0.0, []
+    step, spent, losses, runs = 0, 0.0, [], []
     if ckpt_path.is_file() and not args.fresh:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if state["run_cfg"] != run_cfg:
@@ -141,17 +150,22 @@ def main(argv: list[str] | None = None) -> int:
         unet.load_state_dict(state["unet"])
         ema = state["ema"]
         opt.load_state_dict(state["opt"])
-        step, spent, losses = state["step"], state["spent_s"], state["losses"]
+        step, spent, losses, runs = state["step"], state["spent_s"], state["losses"], state.get("runs", [])
         print(f"resumed {ckpt_path} at step {step} ({spent / 60:.1f} min spent)", flush=True)
 
     def save_checkpoint() -> None:
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
         torch.save({"run_cfg": run_cfg, "unet": unet.state_dict(), "ema": ema, "opt": opt.state_dict(),
-                    "step": step, "spent_s": spent, "losses": losses}, tmp)
+                    "step": step, "spent_s": spent, "losses": losses, "runs": runs + [this_run()]}, tmp)
         tmp.replace(ckpt_path)
 
     side_px = args.latent * shapes_model.LATENT_RATIO
+
+    def this_run() -> dict:  # one record per run of the script, so resumed trainings say how they went
+        return {"argv": argv if argv is not None else sys.argv[1:], "from_step": step0, "to_step": step,
+                "minutes": round((spent - spent0) / 60, 2), "load_avg_1min": round(os.getloadavg()[0], 2)}
+
     t_run = time.perf_counter()
     spent0, step0 = spent, step
     last_ckpt = t_run
@@ -200,9 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         window.append(float(loss.detach()))
         now = time.perf_counter()
         spent = spent0 + (now - t_run)
+        if not args.threads and step % 25 == 0:
+            torch.set_num_threads(auto_threads(torch.get_num_threads()))
         if len(window) == args.log_every or step == args.steps:
             losses.append({"step": step, "loss": round(sum(window) / len(window), 5), "minutes": round(spent / 60, 2)})
             print(f"step {step}/{args.steps} loss {losses[-1]['loss']:.4f} lr {lr_at(step - 1, args):.2e} "
+                  f"threads {torch.get_num_threads()} "
                   f"{spent / 60:.1f} min ({(now - t_run) / (step - step0):.2f} s/step in this run)", flush=True)
             window = []
         if now - last_ckpt >= args.checkpoint_minutes * 60:
@@ -229,9 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         "wall_minutes": round(spent / 60, 2), "wall_seconds": round(spent, 2),
         "loss_first": losses[0]["loss"] if losses else None, "loss_final": losses[-1]["loss"] if losses else None,
         "loss_curve": curve,
-        "machine": {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform(),
+        "machine": {"cpu_count": os.cpu_count(), "threads": args.threads or "auto (all cores when idle, else 1)",
+                    "platform": platform.platform(),
                     "processor": platform.processor() or platform.machine(), "torch": torch.__version__},
         "command": " ".join(["python", "tools/train_shapes_model.py"] + (argv if argv is not None else sys.argv[1:])),
+        "runs": runs + ([] if args.export else [this_run()]),
     }
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) after {step} steps, {spent / 60:.1f} min; "

@@ -70,3 +70,12 @@ def test_pack(comfy_server, object_info) -> str:
             pytrace=False,
         )
     return TEST_LOADER
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _stop_pool_after_module(comfy_server):
+    """The server lives for the whole session; its worker pool must not (later layers check that no
+    worker process of this test run is left)."""
+    yield
+    if comfy_server.running:
+        comfy_server.post("/hires_parallel/pool/shutdown")
