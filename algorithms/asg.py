@@ -8,8 +8,10 @@ native-size model calls:
   views ``x[..., a::n_h, b::n_w]`` (each a full field-of-view low-resolution image). Optionally each
   location's pixels are shuffled across the views before the model call and put back after it (pixel
   interaction). View 0 is the key view; every other view's noise prediction is pulled towards it:
-  ``eps_i' = eps_i + w_t * M_i * (eps_0 - eps_i)``, with M_i a cross-attention mask in [0, 1] (or 1).
-  In asynchronous mode eps_0 and M come from the previous step, so no view waits for the key view.
+  ``eps_i' = eps_i + w_t * M_i * (eps_0 - eps_i)``, with M_i a cross-attention mask in [0, 1] (or 1) and
+  eps_0 the key view's prediction written for view i's own latent, i.e. ``D_i' = D_i + w_t M_i (D_0 - D_i)``
+  (see ``guide_denoised``). In asynchronous mode D_0 and M come from the previous step, so no view waits
+  for the key view.
 * stage 2: overlapping windows of the native size (stride half a window, seeded jitter of the
   interior windows) are denoised and their D averaged (MultiDiffusion).
 
@@ -41,8 +43,6 @@ __all__ = [
     "unpermute_views",
     "guidance_weight",
     "structure_steps",
-    "eps_from_denoised",
-    "denoised_from_eps",
     "guide_denoised",
     "normalize_maps",
     "combine_level_maps",
@@ -85,12 +85,11 @@ class ASGPlan:
     schedule: str = "cosine"  # how w decays over stage 1
     structure_fraction: float = 0.5  # share of the steps run as stage 1
     pixel_interaction: bool = True
-    asynchronous: bool = False  # key-view eps and mask one step stale
+    asynchronous: bool = False  # key-view D and mask one step stale
     use_mask: bool = True
     jitter: int = 0  # stage-2 window jitter in latent pixels (clamped so windows still cover everything)
     seed: int = 0
     batch: int = 0  # samples per denoise call; 0 = all at once
-    flow: bool = False  # x = (1 - sigma) x0 + sigma eps instead of x = x0 + sigma eps
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -175,44 +174,23 @@ def guidance_weight(step: int, stage1: int, guidance: float, schedule: str) -> f
     return float(guidance) * 0.5 * (1.0 + math.cos(math.pi * step / stage1))
 
 
-def _col(sigma: Tensor, ndim: int) -> Tensor:
-    return sigma.reshape(sigma.shape[0], *([1] * (ndim - 1)))
+def guide_denoised(d: Tensor, key_d: Tensor, w: float, mask: Tensor | None = None) -> Tensor:
+    """D of every view after structure guidance towards the key view; view 0 (the key view) unchanged.
 
-
-def eps_from_denoised(x: Tensor, d: Tensor, sigma: Tensor, flow: bool = False) -> Tensor:
-    """eps = (x - D) / sigma (EPS/V), or (x - (1 - sigma) D) / sigma (flow); sigma per sample of dim 0."""
-    s = _col(sigma, x.dim()).to(x.dtype)
-    return (x - (1.0 - s) * d) / s if flow else (x - d) / s
-
-
-def denoised_from_eps(x: Tensor, eps: Tensor, sigma: Tensor, flow: bool = False) -> Tensor:
-    """Inverse of eps_from_denoised: D = x - sigma eps (EPS/V), or (x - sigma eps) / (1 - sigma) (flow)."""
-    s = _col(sigma, x.dim()).to(x.dtype)
-    return (x - s * eps) / (1.0 - s) if flow else x - s * eps
-
-
-def guide_denoised(views: Tensor, d: Tensor, key_eps: Tensor, w: float, sigma: Tensor, mask: Tensor | None = None,
-                   flow: bool = False) -> Tensor:
-    """D of every view after eps_i' = eps_i + w * M_i * (key_eps - eps_i); view 0 (the key view) unchanged.
-
-    views, d: (G, N, C, h, w); key_eps: (G, C, h, w); mask: (G, N, 1, h, w) in [0, 1] or None (M = 1);
-    sigma: (G,). The change is applied to D directly (dD = -sigma deps, or -sigma / (1 - sigma) deps for
-    flow), so w = 0 returns d unchanged. Groups where eps or D is undefined (sigma 0, or flow at sigma 1)
-    are left unguided.
+    d: (G, N, C, h, w) view predictions; key_d: (G, C, h, w) the key view's D (this step's, or the previous
+    step's in asynchronous mode); mask: (G, N, 1, h, w) in [0, 1] or None (M = 1).
+    D_i' = D_i + w * M_i * (D_key - D_i). In noise terms this is the paper's
+    eps_i' = eps_i + w * M_i * (eps_key - eps_i) with eps_key = (x_i - D_key) / sigma, the key view's
+    prediction written for view i's own latent. Pulling eps_i towards the key view's raw eps instead would
+    make view i remove the key view's starting noise rather than its own, and the difference stays in the
+    latent until the end (the shapes benchmark drew pure noise that way).
     """
-    if w == 0.0 or views.shape[1] < 2:
+    if w == 0.0 or d.shape[1] < 2:
         return d
-    s = sigma.to(d.dtype)
-    ok = (s > 0) & ((1.0 - s) > 1e-4 if flow else torch.ones_like(s, dtype=torch.bool))
-    safe = torch.where(ok, s, torch.full_like(s, 0.5))  # avoids 0/0 for the groups left alone
-    eps = eps_from_denoised(views.flatten(0, 1), d.flatten(0, 1), safe.repeat_interleave(views.shape[1]),
-                            flow).reshape(d.shape)
-    delta = (key_eps.unsqueeze(1) - eps[:, 1:]) * w
+    delta = (key_d.unsqueeze(1).to(d.dtype) - d[:, 1:]) * w
     if mask is not None:
         delta = delta * mask[:, 1:].to(delta.dtype)
-    scale = -safe / (1.0 - safe) if flow else -safe
-    scale = torch.where(ok, scale, torch.zeros_like(scale)).reshape(-1, 1, 1, 1, 1)
-    return torch.cat([d[:, :1], d[:, 1:] + scale * delta], dim=1)
+    return torch.cat([d[:, :1], d[:, 1:] + delta], dim=1)
 
 
 # ------------------------------------------------------------------------------- attention mask
@@ -311,14 +289,14 @@ def window_counts(height: int, width: int, view_h: int, view_w: int, windows: Se
 
 
 class ASGState:
-    """The one-step-stale key-view eps and masks of a run, kept per key for the last two steps."""
+    """The one-step-stale key-view predictions (D) and masks of a run, kept per key for the last two steps."""
 
     def __init__(self) -> None:
-        self.eps: dict[Hashable, list[tuple[int, Tensor]]] = {}
+        self.key: dict[Hashable, list[tuple[int, Tensor]]] = {}
         self.masks: dict[Hashable, list[tuple[int, Tensor]]] = {}
 
     def reset(self) -> None:
-        self.eps.clear()
+        self.key.clear()
         self.masks.clear()
 
     @staticmethod
@@ -354,16 +332,16 @@ def asg_denoise(
     step: int,
     total: int,
     state: ASGState | None = None,
-    eps_keys: Sequence[Hashable] | None = None,
-    mask_keys: Sequence[Hashable] | None = None,
+    key_ids: Sequence[Hashable] | None = None,
+    mask_ids: Sequence[Hashable] | None = None,
     attention: Callable[[], Sequence[Tensor | None] | None] | None = None,
 ) -> Tensor:
     """D for the high-resolution latent x (G, C, H, W) at noise level sigma (G,) or scalar, step ``step`` of ``total``.
 
     ``attention`` (stage 1, optional) is called after the view calls and returns per group the
     cross-attention maps (N, h, w) of those calls (in the order the views were given to the model,
-    i.e. shuffled when pixel interaction is on), or None for a group without maps. ``eps_keys`` /
-    ``mask_keys`` name each group's key-view eps and mask in ``state`` (defaults: the group index).
+    i.e. shuffled when pixel interaction is on), or None for a group without maps. ``key_ids`` /
+    ``mask_ids`` name each group's key-view D and mask in ``state`` (defaults: the group index).
     """
     g, c, hh, ww = x.shape
     n_h, n_w = view_grid(hh, ww, plan.view_h, plan.view_w)
@@ -372,12 +350,12 @@ def asg_denoise(
     if n_h == n_w == 1:  # native size: nothing to structure
         return run_batched(denoise, x, sig, [Piece(i) for i in range(g)], plan.batch)
     if step < structure_steps(total, plan.structure_fraction):
-        return _stage1(x, sig, denoise, plan, step, total, n_h, n_w, state, eps_keys, mask_keys, attention)
+        return _stage1(x, sig, denoise, plan, step, total, n_h, n_w, state, key_ids, mask_ids, attention)
     return _stage2(x, sig, denoise, plan, step)
 
 
 def _stage1(x: Tensor, sig: Tensor, denoise: Denoise, plan: ASGPlan, step: int, total: int, n_h: int, n_w: int,
-            state: ASGState | None, eps_keys, mask_keys, attention) -> Tensor:
+            state: ASGState | None, key_ids, mask_ids, attention) -> Tensor:
     g, c = x.shape[:2]
     n = n_h * n_w
     views = scatter_views(x, n_h, n_w)
@@ -395,8 +373,8 @@ def _stage1(x: Tensor, sig: Tensor, denoise: Denoise, plan: ASGPlan, step: int, 
 
     wt = guidance_weight(step, structure_steps(total, plan.structure_fraction), plan.guidance, plan.schedule)
     state = state if state is not None else ASGState()
-    eps_keys = list(eps_keys) if eps_keys is not None else list(range(g))
-    mask_keys = list(mask_keys) if mask_keys is not None else list(range(g))
+    key_ids = list(key_ids) if key_ids is not None else list(range(g))
+    mask_ids = list(mask_ids) if mask_ids is not None else list(range(g))
 
     mask = None
     if plan.use_mask:
@@ -409,24 +387,21 @@ def _stage1(x: Tensor, sig: Tensor, denoise: Denoise, plan: ASGPlan, step: int, 
                 if perm is not None:
                     m = unpermute_views(m.unsqueeze(0), perm[i:i + 1]).squeeze(0)
                 m = normalize_maps(m)
-                ASGState.put(state.masks, mask_keys[i], step, m)
-            stale = ASGState.get(state.masks, mask_keys[i], before=step)
+                ASGState.put(state.masks, mask_ids[i], step, m)
+            stale = ASGState.get(state.masks, mask_ids[i], before=step)
             use = (stale if stale is not None else m) if plan.asynchronous else (
-                m if m is not None else ASGState.get(state.masks, mask_keys[i]))
+                m if m is not None else ASGState.get(state.masks, mask_ids[i]))
             per_group.append(use if use is not None else torch.ones(n, 1, h, w, device=x.device))
         mask = torch.stack(per_group).to(d.dtype)
 
-    key_now = eps_from_denoised(views[:, 0], d[:, 0], sig, plan.flow) if wt > 0 else None
-    key = key_now
-    if plan.asynchronous and key_now is not None:
-        stale = [ASGState.get(state.eps, eps_keys[i], before=step) for i in range(g)]
-        key = torch.stack([s if s is not None else key_now[i] for i, s in enumerate(stale)])
-    if plan.asynchronous:  # kept for the next step even while w_t is 0 there
-        now = key_now if key_now is not None else eps_from_denoised(views[:, 0], d[:, 0], sig, plan.flow)
+    key = d[:, 0]
+    if plan.asynchronous:  # the previous step's key view; this step's is kept for the next (even while w_t is 0)
+        stale = [ASGState.get(state.key, key_ids[i], before=step) for i in range(g)]
         for i in range(g):
-            ASGState.put(state.eps, eps_keys[i], step, now[i])
+            ASGState.put(state.key, key_ids[i], step, d[i, 0])
+        key = torch.stack([s if s is not None else d[i, 0] for i, s in enumerate(stale)])
     if wt > 0:
-        d = guide_denoised(views, d, key, wt, sig, mask, plan.flow)
+        d = guide_denoised(d, key, wt, mask)
     return gather_views(d, n_h, n_w)
 
 

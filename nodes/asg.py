@@ -286,8 +286,8 @@ class StructureGuidedWrapper:
         per = max(1, groups // chunks)
         branch = [cond_or_uncond[min(g // per, chunks - 1)] for g in range(groups)]
         occurrence = [cond_or_uncond[:min(g // per, chunks - 1)].count(branch[g]) for g in range(groups)]
-        eps_keys = [(branch[g], occurrence[g], g % per) for g in range(groups)]
-        mask_keys = [g % per for g in range(groups)]
+        key_ids = [(branch[g], occurrence[g], g % per) for g in range(groups)]
+        mask_ids = [g % per for g in range(groups)]
         # the maps of a latent come from its first conditional chunk (the cond branch), for both branches
         first = next((k for k in range(chunks) if cond_or_uncond[k] == 0), None)
         source = {g: None if first is None else first * per + g % per for g in range(groups)}
@@ -336,7 +336,7 @@ class StructureGuidedWrapper:
                 out.append(torch.stack([got[v] for v in range(n)]) if got is not None and len(got) == n else None)
             return out
 
-        d = asg_denoise(x, sigma, denoise, self.plan, step, total, self.state, eps_keys, mask_keys,
+        d = asg_denoise(x, sigma, denoise, self.plan, step, total, self.state, key_ids, mask_ids,
                         attention if tokens is not None else None)
         for key, entries in self.state.masks.items():
             self.last_masks[key] = entries[-1][1]
@@ -372,7 +372,7 @@ def patch_model(model, native_resolution_px: int = 0, guidance: float = 1.0, gui
     plan = ASGPlan(side, side, guidance=float(guidance), schedule=guidance_schedule,
                    structure_fraction=float(structure_fraction), pixel_interaction=bool(pixel_interaction),
                    asynchronous=bool(asynchronous), use_mask=bool(attention_mask), jitter=int(window_jitter),
-                   seed=int(seed), batch=int(view_batch), flow=model_info.is_flow(model))
+                   seed=int(seed), batch=int(view_batch))
     m = model.clone()
     keys: list[tuple[str, int, int]] = []
     if attention_mask:
@@ -413,8 +413,8 @@ class HiResParallelStructureGuidedHiRes(io.ComfyNode):
                              tooltip="Side in pixels the model was trained at. 0 = from the model family (SD1.x 512, "
                                      "SD2.x 768-v 768, SDXL 1024). The latent must be a whole multiple of it per side."),
                 io.Float.Input("guidance", default=1.0, min=0.0, max=1.0, step=0.05,
-                               tooltip="Structure guidance w: how far every view's noise prediction is pulled to the "
-                                       "key view's. 1 = fully (one shared layout), 0 = independent views."),
+                               tooltip="Structure guidance w: how far every view's prediction of the clean image is pulled "
+                                       "to the key view's. 1 = fully (one shared layout), 0 = independent views."),
                 io.Combo.Input("guidance_schedule", options=list(SCHEDULES), default="cosine",
                                tooltip="cosine: w decays from its value to 0 over the structure steps (layout first, "
                                        "then room for detail). constant: w throughout the structure steps."),

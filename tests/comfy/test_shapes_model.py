@@ -80,3 +80,40 @@ def test_the_trained_model_draws_one_subject_of_the_prompted_colour_at_native_si
         others = sum(metrics.subject_count(image, c) for c in metrics.COLORS if c != color)
         ok += metrics.subject_count(image, color) == 1 and others == 0
     assert ok >= len(prompts) - 1, f"only {ok} of {len(prompts)} images show one subject of the prompted colour"
+
+
+def test_structure_guidance_keeps_one_subject_at_2x_where_plain_sampling_repeats_it(shapes):
+    """The quality claim of Structure-Guided HiRes on a trained model: at 2x per side plain sampling draws
+    the subject several times, the patched model (node defaults) once, synchronous and asynchronous."""
+    import comfy.sample
+    import nodes
+
+    import metrics
+    from hires_parallel.nodes.asg import patch_model
+
+    model, clip, vae = shapes
+    neg = nodes.CLIPTextEncode().encode(clip, "")[0]
+    cases = [("red", "circle", 0), ("blue", "square", 1), ("green", "triangle", 2)]
+    sync, stale = patch_model(model, native_resolution_px=256), patch_model(model, native_resolution_px=256,
+                                                                            asynchronous=True)
+
+    def draw(m, color, shape, seed):
+        pos = nodes.CLIPTextEncode().encode(clip, f"a {color} {shape}")[0]
+        latent = torch.zeros(1, 4, 64, 64)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        out = comfy.sample.sample(m, noise, 12, 5.0, "euler", "karras", pos, neg, latent, disable_pbar=True, seed=seed)
+        return vae.decode(out).clamp(0, 1)
+
+    counts = {"plain": [], "guided": [], "async": []}
+    psnrs = []
+    for color, shape, seed in cases:
+        counts["plain"].append(metrics.subject_count(draw(model, color, shape, seed), color))
+        guided = draw(sync, color, shape, seed)
+        asynchronous = draw(stale, color, shape, seed)
+        counts["guided"].append(metrics.subject_count(guided, color))
+        counts["async"].append(metrics.subject_count(asynchronous, color))
+        psnrs.append(metrics.fidelity(asynchronous, guided)["psnr"])
+    print(f"\n[asg shapes 2x] subject counts {counts}; async vs sync PSNR {[round(p, 1) for p in psnrs]} dB")
+    assert sum(counts["plain"]) > len(cases)  # the failure the method is for really happens here
+    assert counts["guided"] == [1] * len(cases) and counts["async"] == [1] * len(cases)
+    assert min(psnrs) > 18.0

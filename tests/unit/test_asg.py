@@ -13,8 +13,6 @@ from hires_parallel.algorithms.asg import (
     Piece,
     asg_denoise,
     combine_level_maps,
-    denoised_from_eps,
-    eps_from_denoised,
     gather_views,
     guidance_weight,
     guide_denoised,
@@ -74,17 +72,19 @@ def test_pixel_interaction_is_a_per_location_permutation_undone_exactly():
     assert not torch.equal(perm, interaction_permutation(g, n, h, w, _gen(4)))
 
 
-def test_eps_and_denoised_conversions_invert_each_other_for_eps_and_flow_models():
-    x = torch.randn(3, 4, 5, 5, generator=_gen(5))
-    d = torch.randn(3, 4, 5, 5, generator=_gen(6))
-    sigma = torch.tensor([0.3, 2.0, 14.0])
-    for flow, s in ((False, sigma), (True, torch.tensor([0.2, 0.5, 0.9]))):
-        eps = eps_from_denoised(x, d, s, flow)
-        torch.testing.assert_close(denoised_from_eps(x, eps, s, flow), d, rtol=1e-5, atol=1e-5)
-    # EPS: x = D + sigma eps; flow: x = (1 - sigma) D + sigma eps
-    torch.testing.assert_close(eps_from_denoised(x, d, sigma) * sigma.reshape(-1, 1, 1, 1) + d, x)
-    s = torch.tensor([0.2, 0.5, 0.9]).reshape(-1, 1, 1, 1)
-    torch.testing.assert_close((1 - s) * d + s * eps_from_denoised(x, d, s.flatten(), True), x, rtol=1e-5, atol=1e-5)
+def test_guidance_keeps_each_views_own_noise_out_of_its_prediction():
+    """Views share clean content but not noise: a guided view must still predict the clean content.
+    (Pulling eps_i towards the key view's raw eps would leave sigma * (n_i - n_0) in every view.)"""
+    clean = torch.randn(1, 1, 4, 8, 8, generator=_gen(5)).expand(1, 4, 4, 8, 8)
+    sigma = torch.tensor([10.0])
+    views = clean + sigma * torch.randn(1, 4, 4, 8, 8, generator=_gen(6))
+    d = clean + 0.05 * torch.randn(1, 4, 4, 8, 8, generator=_gen(16))  # near-oracle predictions
+    out = guide_denoised(d, d[:, 0], 1.0)
+    assert (out - clean).abs().max() < 0.5  # the predictions stay clean
+    for i in range(1, 4):  # w = 1, M = 1: every view takes the key view's prediction
+        torch.testing.assert_close(out[:, i], d[:, 0])
+    naive = views[:, 1:] - (views[:, :1] - d[:, :1])  # x_i - sigma * eps_0
+    assert (naive - clean[:, 1:]).abs().max() > 10  # what the raw-eps reading would have produced
 
 
 def test_guidance_with_w_zero_equals_plain_view_wise_denoising():
@@ -105,38 +105,36 @@ def test_guidance_with_w_zero_equals_plain_view_wise_denoising():
     assert not torch.equal(out_pi, plain)  # interaction changed what the model saw
 
 
-@pytest.mark.parametrize("flow", [False, True])
-def test_full_guidance_with_mask_one_gives_every_view_the_key_views_eps(flow):
+def test_full_guidance_with_mask_one_gives_every_view_the_key_views_prediction():
     x = torch.randn(2, 4, 16, 16, generator=_gen(8))
-    sigma = torch.tensor([0.6, 0.6]) if flow else torch.tensor([5.0, 5.0])
-    plan = ASGPlan(8, 8, guidance=1.0, schedule="constant", pixel_interaction=False, use_mask=False, flow=flow)
+    sigma = torch.tensor([5.0, 5.0])
+    plan = ASGPlan(8, 8, guidance=1.0, schedule="constant", pixel_interaction=False, use_mask=False)
     out = asg_denoise(x, sigma, _toy_denoise(), plan, step=0, total=4)
     views = scatter_views(x, 2, 2)
     d = scatter_views(out, 2, 2)
-    eps = eps_from_denoised(views.flatten(0, 1), d.flatten(0, 1), sigma.repeat_interleave(4), flow).reshape(d.shape)
     for i in range(1, 4):
-        torch.testing.assert_close(eps[:, i], eps[:, 0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(d[:, i], d[:, 0])
     # view 0 is the key view: untouched
     plain = _toy_denoise()(views.flatten(0, 1), sigma.repeat_interleave(4), []).reshape(d.shape)
     assert torch.equal(d[:, 0], plain[:, 0])
     assert not torch.allclose(d[:, 1], plain[:, 1])
+    # w = 0.25: a quarter of the way
+    plan_q = ASGPlan(8, 8, guidance=0.25, schedule="constant", pixel_interaction=False, use_mask=False)
+    dq = scatter_views(asg_denoise(x, sigma, _toy_denoise(), plan_q, step=0, total=4), 2, 2)
+    torch.testing.assert_close(dq[:, 1:], plain[:, 1:] + 0.25 * (plain[:, :1] - plain[:, 1:]))
 
 
 def test_mask_weights_the_guidance_per_pixel():
-    views = torch.randn(1, 4, 2, 3, 3, generator=_gen(9))
     d = torch.randn(1, 4, 2, 3, 3, generator=_gen(10))
-    sigma = torch.tensor([2.0])
-    key = eps_from_denoised(views[:, 0], d[:, 0], sigma)
+    key = torch.randn(1, 2, 3, 3, generator=_gen(9))
     mask = torch.zeros(1, 4, 1, 3, 3)
     mask[..., 0, 0] = 1.0  # guide only the top-left pixel
     mask[..., 1, 1] = 0.5
-    out = guide_denoised(views, d, key, 1.0, sigma, mask)
-    eps = eps_from_denoised(views.flatten(0, 1), out.flatten(0, 1), sigma.repeat(4)).reshape(d.shape)
-    eps0 = eps_from_denoised(views.flatten(0, 1), d.flatten(0, 1), sigma.repeat(4)).reshape(d.shape)
-    torch.testing.assert_close(eps[:, 1:, :, 0, 0], key[:, None, :, 0, 0].expand(-1, 3, -1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(eps[:, 1:, :, 1, 1], 0.5 * (eps0[:, 1:, :, 1, 1] + key[:, None, :, 1, 1]),
-                               rtol=1e-5, atol=1e-5)
+    out = guide_denoised(d, key, 1.0, mask)
+    torch.testing.assert_close(out[:, 1:, :, 0, 0], key[:, None, :, 0, 0].expand(-1, 3, -1))
+    torch.testing.assert_close(out[:, 1:, :, 1, 1], 0.5 * (d[:, 1:, :, 1, 1] + key[:, None, :, 1, 1]))
     assert torch.equal(out[:, 1:, :, 2, 2], d[:, 1:, :, 2, 2])  # mask 0: unchanged
+    assert torch.equal(out[:, 0], d[:, 0])  # the key view itself is never guided
 
 
 def test_schedules_constant_and_cosine_decay():
@@ -196,7 +194,7 @@ def test_stage_switch_batching_and_pieces():
     assert len(pieces) == 30 and all(p.window is not None for p in pieces)
 
 
-def test_asynchronous_guidance_uses_the_previous_steps_key_eps():
+def test_asynchronous_guidance_uses_the_previous_steps_key_prediction():
     x0 = torch.randn(1, 4, 16, 16, generator=_gen(12))
     x1 = torch.randn(1, 4, 16, 16, generator=_gen(13))
     sigma = torch.tensor([4.0])
@@ -208,11 +206,10 @@ def test_asynchronous_guidance_uses_the_previous_steps_key_eps():
     assert torch.equal(first, asg_denoise(x0, sigma, _toy_denoise(), sync, 0, 4))  # no previous step yet
     out = asg_denoise(x1, sigma, _toy_denoise(), plan, 1, 4, state)
     v0 = scatter_views(x0, 2, 2)
-    key_prev = eps_from_denoised(v0[:, 0], _toy_denoise()(v0[:, 0], sigma, []), sigma)
-    v1 = scatter_views(x1, 2, 2)
-    eps = eps_from_denoised(v1.flatten(0, 1), scatter_views(out, 2, 2).flatten(0, 1), sigma.repeat(4))
+    key_prev = _toy_denoise()(v0[:, 0], sigma, [])
+    d = scatter_views(out, 2, 2)
     for i in range(1, 4):
-        torch.testing.assert_close(eps[i], key_prev[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(d[:, i], key_prev)
     assert not torch.allclose(out, asg_denoise(x1, sigma, _toy_denoise(), sync, 1, 4))
 
 
