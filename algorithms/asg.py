@@ -367,9 +367,9 @@ def _stage1(x: Tensor, sig: Tensor, denoise: Denoise, plan: ASGPlan, step: int, 
         model_in = permute_views(views, perm)
     pieces = [Piece(i, view=(v // n_w, v % n_w)) for i in range(g) for v in range(n)]
     d = run_batched(denoise, model_in.reshape(g * n, c, h, w), sig.repeat_interleave(n), pieces, plan.batch)
+    # Guidance works in model order: slot 0 is one coherent model output. (Un-shuffled first, "view 0" would
+    # be a per-pixel patchwork of all N outputs, and pulling every view to it draws that patchwork as grain.)
     d = d.reshape(g, n, c, h, w)
-    if perm is not None:
-        d = unpermute_views(d, perm)
 
     wt = guidance_weight(step, structure_steps(total, plan.structure_fraction), plan.guidance, plan.schedule)
     state = state if state is not None else ASGState()
@@ -383,10 +383,7 @@ def _stage1(x: Tensor, sig: Tensor, denoise: Denoise, plan: ASGPlan, step: int, 
         for i in range(g):
             m = None if current is None else current[i]
             if m is not None:
-                m = m.to(x.device).float().unsqueeze(1)  # (N, 1, h, w) in model order
-                if perm is not None:
-                    m = unpermute_views(m.unsqueeze(0), perm[i:i + 1]).squeeze(0)
-                m = normalize_maps(m)
+                m = normalize_maps(m.to(x.device).float().unsqueeze(1))  # (N, 1, h, w) in model order
                 ASGState.put(state.masks, mask_ids[i], step, m)
             stale = ASGState.get(state.masks, mask_ids[i], before=step)
             use = (stale if stale is not None else m) if plan.asynchronous else (
@@ -402,6 +399,8 @@ def _stage1(x: Tensor, sig: Tensor, denoise: Denoise, plan: ASGPlan, step: int, 
         key = torch.stack([s if s is not None else d[i, 0] for i, s in enumerate(stale)])
     if wt > 0:
         d = guide_denoised(d, key, wt, mask)
+    if perm is not None:
+        d = unpermute_views(d, perm)
     return gather_views(d, n_h, n_w)
 
 

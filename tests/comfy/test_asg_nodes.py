@@ -18,7 +18,7 @@ NATIVE = 64  # pixels -> 8x8 latent
 REL_TOL = 1e-5
 # Row bands change the summation order of each view's attention maps; the mask is min-max normalised per
 # view (dividing those differences by the map's span) and multiplies differences of D between views, which
-# are hundreds on these random models: rounding, amplified. Measured 1.5e-5 relative (1.4e-6 without mask).
+# are hundreds on these random models: rounding, amplified. Measured 2.4e-5 relative (1e-6 order without mask).
 BAND_MASK_REL_TOL = 1e-4
 # Random-weight models change D a lot from one step to the next, so a one-step-stale key view moves the
 # result far (the trained-model check is tests/comfy/test_shapes_model.py: async vs sync above 18 dB).

@@ -124,6 +124,19 @@ def test_full_guidance_with_mask_one_gives_every_view_the_key_views_prediction()
     torch.testing.assert_close(dq[:, 1:], plain[:, 1:] + 0.25 * (plain[:, :1] - plain[:, 1:]))
 
 
+def test_with_pixel_interaction_the_key_is_one_coherent_model_output():
+    """w = 1: every location takes the prediction of model slot 0 (one whole image), not a per-pixel
+    patchwork of all slots (what un-shuffling before guidance would give: grain)."""
+    x = torch.randn(1, 4, 16, 16, generator=_gen(19))
+    sigma = torch.tensor([5.0])
+    plan = ASGPlan(8, 8, guidance=1.0, schedule="constant", pixel_interaction=True, use_mask=False, seed=3)
+    out = asg_denoise(x, sigma, _toy_denoise(), plan, step=0, total=4)
+    perm = interaction_permutation(1, 4, 8, 8, torch.Generator().manual_seed(3 * 1_000_003 + 1))
+    slot0 = _toy_denoise()(permute_views(scatter_views(x, 2, 2), perm)[:, 0], sigma, [])
+    for v in scatter_views(out, 2, 2)[0]:
+        torch.testing.assert_close(v, slot0[0])
+
+
 def test_mask_weights_the_guidance_per_pixel():
     d = torch.randn(1, 4, 2, 3, 3, generator=_gen(10))
     key = torch.randn(1, 2, 3, 3, generator=_gen(9))
@@ -213,7 +226,7 @@ def test_asynchronous_guidance_uses_the_previous_steps_key_prediction():
     assert not torch.allclose(out, asg_denoise(x1, sigma, _toy_denoise(), sync, 1, 4))
 
 
-def test_masks_from_attention_are_normalised_unshuffled_and_cached():
+def test_masks_from_attention_are_normalised_in_model_order_and_cached():
     x = torch.randn(1, 4, 16, 16, generator=_gen(14))
     sigma = torch.tensor([4.0])
     plan = ASGPlan(8, 8, guidance=1.0, schedule="constant", pixel_interaction=True, seed=2, structure_fraction=1.0)
@@ -221,8 +234,7 @@ def test_masks_from_attention_are_normalised_unshuffled_and_cached():
     state = ASGState()
     out_mask = asg_denoise(x, sigma, _toy_denoise(), plan, 0, 4, state, attention=lambda: [raw])
     (_, stored), = state.masks[0]
-    perm = interaction_permutation(1, 4, 8, 8, torch.Generator().manual_seed(2 * 1_000_003 + 1))
-    expected = normalize_maps(unpermute_views(raw.reshape(1, 4, 1, 8, 8), perm)[0])
+    expected = normalize_maps(raw.reshape(4, 1, 8, 8))  # the order the model saw, like the guidance
     assert torch.equal(stored, expected) and stored.min() == 0 and stored.max() == 1
     # a call without maps (an uncond-only call, say) reuses the step's cached mask
     again = asg_denoise(x, sigma, _toy_denoise(), plan, 0, 4, state, attention=lambda: [None])
