@@ -39,6 +39,7 @@ __all__ = [
     "scatter_views",
     "gather_views",
     "interaction_permutation",
+    "step_permutations",
     "permute_views",
     "unpermute_views",
     "guidance_weight",
@@ -316,6 +317,14 @@ def _seed(seed: int, step: int, salt: int) -> int:
     return (int(seed) * 1_000_003 + int(step) * 7919 + salt) % (2**63 - 1)
 
 
+def step_permutations(image_ids: Sequence[int], views: int, h: int, w: int, seed: int, step: int) -> Tensor:
+    """The pixel-interaction permutations of one step, (G, N, h, w): one per image, so the conditional and
+    unconditional groups of an image are shuffled alike (CFG then combines predictions of the same
+    inputs) and an image's shuffles do not depend on what else is in the batch."""
+    return torch.cat([interaction_permutation(1, views, h, w, torch.Generator().manual_seed(
+        _seed(seed, step, 1 + 104_729 * int(i)))) for i in image_ids])
+
+
 def run_batched(denoise: Denoise, x: Tensor, sigma: Tensor, pieces: Sequence[Piece], batch: int) -> Tensor:
     """denoise over x in chunks of ``batch`` samples (0 = one call); memory grows with the chunk, not N."""
     n = x.shape[0]
@@ -333,15 +342,17 @@ def asg_denoise(
     total: int,
     state: ASGState | None = None,
     key_ids: Sequence[Hashable] | None = None,
-    mask_ids: Sequence[Hashable] | None = None,
+    image_ids: Sequence[int] | None = None,
     attention: Callable[[], Sequence[Tensor | None] | None] | None = None,
 ) -> Tensor:
     """D for the high-resolution latent x (G, C, H, W) at noise level sigma (G,) or scalar, step ``step`` of ``total``.
 
     ``attention`` (stage 1, optional) is called after the view calls and returns per group the
     cross-attention maps (N, h, w) of those calls (in the order the views were given to the model,
-    i.e. shuffled when pixel interaction is on), or None for a group without maps. ``key_ids`` /
-    ``mask_ids`` name each group's key-view D and mask in ``state`` (defaults: the group index).
+    i.e. shuffled when pixel interaction is on), or None for a group without maps. ``key_ids`` name
+    each group's key-view D in ``state``; ``image_ids`` (ints) say which image of the batch a group is: the
+    conditional and unconditional groups of one image share its mask and its pixel shuffles (defaults:
+    the group index).
     """
     g, c, hh, ww = x.shape
     n_h, n_w = view_grid(hh, ww, plan.view_h, plan.view_w)
@@ -350,20 +361,21 @@ def asg_denoise(
     if n_h == n_w == 1:  # native size: nothing to structure
         return run_batched(denoise, x, sig, [Piece(i) for i in range(g)], plan.batch)
     if step < structure_steps(total, plan.structure_fraction):
-        return _stage1(x, sig, denoise, plan, step, total, n_h, n_w, state, key_ids, mask_ids, attention)
+        return _stage1(x, sig, denoise, plan, step, total, n_h, n_w, state, key_ids, image_ids, attention)
     return _stage2(x, sig, denoise, plan, step)
 
 
 def _stage1(x: Tensor, sig: Tensor, denoise: Denoise, plan: ASGPlan, step: int, total: int, n_h: int, n_w: int,
-            state: ASGState | None, key_ids, mask_ids, attention) -> Tensor:
+            state: ASGState | None, key_ids, image_ids, attention) -> Tensor:
     g, c = x.shape[:2]
     n = n_h * n_w
+    image_ids = [int(i) for i in image_ids] if image_ids is not None else list(range(g))
     views = scatter_views(x, n_h, n_w)
     h, w = views.shape[-2:]
     perm = None
     model_in = views
     if plan.pixel_interaction:
-        perm = interaction_permutation(g, n, h, w, torch.Generator().manual_seed(_seed(plan.seed, step, 1)))
+        perm = step_permutations(image_ids, n, h, w, plan.seed, step)
         model_in = permute_views(views, perm)
     pieces = [Piece(i, view=(v // n_w, v % n_w)) for i in range(g) for v in range(n)]
     d = run_batched(denoise, model_in.reshape(g * n, c, h, w), sig.repeat_interleave(n), pieces, plan.batch)
@@ -374,7 +386,6 @@ def _stage1(x: Tensor, sig: Tensor, denoise: Denoise, plan: ASGPlan, step: int, 
     wt = guidance_weight(step, structure_steps(total, plan.structure_fraction), plan.guidance, plan.schedule)
     state = state if state is not None else ASGState()
     key_ids = list(key_ids) if key_ids is not None else list(range(g))
-    mask_ids = list(mask_ids) if mask_ids is not None else list(range(g))
 
     mask = None
     if plan.use_mask:
@@ -384,10 +395,10 @@ def _stage1(x: Tensor, sig: Tensor, denoise: Denoise, plan: ASGPlan, step: int, 
             m = None if current is None else current[i]
             if m is not None:
                 m = normalize_maps(m.to(x.device).float().unsqueeze(1))  # (N, 1, h, w) in model order
-                ASGState.put(state.masks, mask_ids[i], step, m)
-            stale = ASGState.get(state.masks, mask_ids[i], before=step)
+                ASGState.put(state.masks, image_ids[i], step, m)
+            stale = ASGState.get(state.masks, image_ids[i], before=step)
             use = (stale if stale is not None else m) if plan.asynchronous else (
-                m if m is not None else ASGState.get(state.masks, mask_ids[i]))
+                m if m is not None else ASGState.get(state.masks, image_ids[i]))
             per_group.append(use if use is not None else torch.ones(n, 1, h, w, device=x.device))
         mask = torch.stack(per_group).to(d.dtype)
 

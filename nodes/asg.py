@@ -287,7 +287,7 @@ class StructureGuidedWrapper:
         branch = [cond_or_uncond[min(g // per, chunks - 1)] for g in range(groups)]
         occurrence = [cond_or_uncond[:min(g // per, chunks - 1)].count(branch[g]) for g in range(groups)]
         key_ids = [(branch[g], occurrence[g], g % per) for g in range(groups)]
-        mask_ids = [g % per for g in range(groups)]
+        image_ids = [g % per for g in range(groups)]
         # the maps of a latent come from its first conditional chunk (the cond branch), for both branches
         first = next((k for k in range(chunks) if cond_or_uncond[k] == 0), None)
         source = {g: None if first is None else first * per + g % per for g in range(groups)}
@@ -336,7 +336,7 @@ class StructureGuidedWrapper:
                 out.append(torch.stack([got[v] for v in range(n)]) if got is not None and len(got) == n else None)
             return out
 
-        d = asg_denoise(x, sigma, denoise, self.plan, step, total, self.state, key_ids, mask_ids,
+        d = asg_denoise(x, sigma, denoise, self.plan, step, total, self.state, key_ids, image_ids,
                         attention if tokens is not None else None)
         for key, entries in self.state.masks.items():
             self.last_masks[key] = entries[-1][1]

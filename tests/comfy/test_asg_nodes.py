@@ -16,13 +16,7 @@ from support.tiny_models import build_sd15, build_sdxl, make_conds
 
 NATIVE = 64  # pixels -> 8x8 latent
 REL_TOL = 1e-5
-# Row bands change the summation order of each view's attention maps; the mask is min-max normalised per
-# view (dividing those differences by the map's span) and multiplies differences of D between views, which
-# are hundreds on these random models: rounding, amplified. Measured 2.4e-5 relative (1e-6 order without mask).
-BAND_MASK_REL_TOL = 1e-4
-# Random-weight models change D a lot from one step to the next, so a one-step-stale key view moves the
-# result far (the trained-model check is tests/comfy/test_shapes_model.py: async vs sync above 18 dB).
-ASYNC_PSNR_FLOOR_DB = 12.0
+ASYNC_PSNR_FLOOR_DB = 20.0
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -247,7 +241,7 @@ def test_parallel_batch_mode_equals_one_device_and_async_is_close(sd15, one_thre
     bands = _parallel(sync, conds, 16, 16, mode="exact")  # row bands of every view: maps gathered by rows
     err = (bands - one).abs().max().item()
     print(f"[asg] exact mode (row bands) 2 ranks vs 1 device: relative {err / scale:.2g}")
-    assert err <= BAND_MASK_REL_TOL * scale
+    assert err <= REL_TOL * scale
 
     stale = _patch(sd15, view_batch=8, asynchronous=True)
     two_async = _parallel(stale, conds, 16, 16)

@@ -17,6 +17,7 @@ from hires_parallel.algorithms.asg import (
     guidance_weight,
     guide_denoised,
     interaction_permutation,
+    step_permutations,
     normalize_maps,
     permute_views,
     prompt_token_mask,
@@ -98,7 +99,7 @@ def test_guidance_with_w_zero_equals_plain_view_wise_denoising():
     # the same with pixel interaction on: the shuffled model input is put back exactly
     plan_pi = ASGPlan(8, 8, guidance=0.0, pixel_interaction=True, seed=4)
     out_pi = asg_denoise(x, sigma, _toy_denoise(), plan_pi, step=0, total=10)
-    perm = interaction_permutation(2, 6, 8, 8, torch.Generator().manual_seed(4 * 1_000_003 + 1))
+    perm = step_permutations([0, 1], 6, 8, 8, seed=4, step=0)
     mixed = permute_views(scatter_views(x, 2, 3), perm).flatten(0, 1)
     ref = unpermute_views(_toy_denoise()(mixed, sigma.repeat_interleave(6), []).reshape(2, 6, 4, 8, 8), perm)
     assert torch.equal(out_pi, gather_views(ref, 2, 3))
@@ -124,6 +125,22 @@ def test_full_guidance_with_mask_one_gives_every_view_the_key_views_prediction()
     torch.testing.assert_close(dq[:, 1:], plain[:, 1:] + 0.25 * (plain[:, :1] - plain[:, 1:]))
 
 
+def test_an_images_shuffles_are_shared_by_its_branches_and_independent_of_the_batch():
+    """cond and uncond of one image get the same permutation (else CFG mixes predictions of different inputs);
+    an image's permutation does not depend on the other images in the batch."""
+    perm = step_permutations([0, 1, 0, 1], 4, 6, 6, seed=7, step=2)
+    assert torch.equal(perm[0], perm[2]) and torch.equal(perm[1], perm[3]) and not torch.equal(perm[0], perm[1])
+    assert torch.equal(step_permutations([1], 4, 6, 6, seed=7, step=2)[0], perm[1])
+    assert not torch.equal(step_permutations([1], 4, 6, 6, seed=7, step=3)[0], perm[1])  # redrawn every step
+    x = torch.randn(2, 4, 16, 16, generator=_gen(20))
+    x = torch.cat([x, x])  # (cond a, cond b, uncond a, uncond b) with the same inputs
+    plan = ASGPlan(8, 8, guidance=0.5, pixel_interaction=True, use_mask=False, seed=7)
+    out = asg_denoise(x, torch.tensor(3.0), _toy_denoise(), plan, 0, 4, image_ids=[0, 1, 0, 1], key_ids=[0, 1, 2, 3])
+    torch.testing.assert_close(out[:2], out[2:])
+    alone = asg_denoise(x[1:2], torch.tensor(3.0), _toy_denoise(), plan, 0, 4, image_ids=[1])
+    torch.testing.assert_close(out[1:2], alone)
+
+
 def test_with_pixel_interaction_the_key_is_one_coherent_model_output():
     """w = 1: every location takes the prediction of model slot 0 (one whole image), not a per-pixel
     patchwork of all slots (what un-shuffling before guidance would give: grain)."""
@@ -131,7 +148,7 @@ def test_with_pixel_interaction_the_key_is_one_coherent_model_output():
     sigma = torch.tensor([5.0])
     plan = ASGPlan(8, 8, guidance=1.0, schedule="constant", pixel_interaction=True, use_mask=False, seed=3)
     out = asg_denoise(x, sigma, _toy_denoise(), plan, step=0, total=4)
-    perm = interaction_permutation(1, 4, 8, 8, torch.Generator().manual_seed(3 * 1_000_003 + 1))
+    perm = step_permutations([0], 4, 8, 8, seed=3, step=0)
     slot0 = _toy_denoise()(permute_views(scatter_views(x, 2, 2), perm)[:, 0], sigma, [])
     for v in scatter_views(out, 2, 2)[0]:
         torch.testing.assert_close(v, slot0[0])
