@@ -13,7 +13,7 @@ A checkpoint (weights, EMA, optimizer, loss history, time spent) is written ever
 the end; running the same command again resumes from it. ``--minutes`` bounds the total wall time
 (all runs together); the model is saved when the step budget or the time bound is reached.
 
-    nice -n 10 python tools/train_shapes_model.py                 # about 25 min on 2 idle cores
+    nice -n 10 python tools/train_shapes_model.py                 # about 36 min on 2 idle cores
     python tools/train_shapes_model.py --steps 3 --batch 2 --out /tmp/m.safetensors   # smoke
 """
 from __future__ import annotations
