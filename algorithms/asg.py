@@ -13,7 +13,8 @@ native-size model calls:
   (see ``guide_denoised``). In asynchronous mode D_0 and M come from the previous step, so no view waits
   for the key view.
 * stage 2: overlapping windows of the native size (stride half a window, seeded jitter of the
-  interior windows) are denoised and their D averaged (MultiDiffusion).
+  interior windows) are denoised and their D averaged (MultiDiffusion) with weights tapered towards
+  each window's edges, so window borders leave no seams.
 
 Everything is a function of tensors and a batched ``denoise(x_batch, sigma_batch, pieces) -> D``
 callable; ``pieces`` says what each sample is (its group, view or window) so a caller can pick the
@@ -50,7 +51,7 @@ __all__ = [
     "prompt_token_mask",
     "window_offsets",
     "window_grid",
-    "window_counts",
+    "window_taper",
     "asg_denoise",
 ]
 
@@ -278,12 +279,16 @@ def window_grid(height: int, width: int, view_h: int, view_w: int, jitter: int =
     return [(t, left) for t in rows for left in cols]
 
 
-def window_counts(height: int, width: int, view_h: int, view_w: int, windows: Sequence[tuple[int, int]]) -> Tensor:
-    """How many windows cover each latent pixel: (height, width) float."""
-    count = torch.zeros(height, width)
-    for t, left in windows:
-        count[t:t + view_h, left:left + view_w] += 1
-    return count
+def window_taper(view_h: int, view_w: int) -> Tensor:
+    """(view_h, view_w) blending weights of a window: 1 inside, falling linearly over the outer quarter of
+    each side to 1 / (ramp + 1) at the edge. With a plain average the set of windows covering a pixel
+    changes abruptly where a window ends, and that edge shows as a seam; tapered weights blend across it.
+    Every weight stays positive, so pixels that only one window covers (the image border) keep its value."""
+    def ramp(n: int) -> Tensor:
+        r = max(1, n // 4)
+        i = torch.arange(n, dtype=torch.float32)
+        return torch.minimum(torch.minimum(i + 1, n - i) / (r + 1), torch.ones(n))
+    return ramp(view_h)[:, None] * ramp(view_w)[None, :]
 
 
 # ------------------------------------------------------------------------------------- the method
@@ -422,11 +427,14 @@ def _stage2(x: Tensor, sig: Tensor, denoise: Denoise, plan: ASGPlan, step: int) 
     crops = torch.stack([x[i, :, t:t + h, left:left + w] for i in range(g) for t, left in wins])
     pieces = [Piece(i, window=(t, left)) for i in range(g) for t, left in wins]
     d = run_batched(denoise, crops, sig.repeat_interleave(len(wins)), pieces, plan.batch)
+    taper = window_taper(h, w).to(device=d.device, dtype=d.dtype)
     out = torch.zeros_like(x, dtype=d.dtype)
+    weight = torch.zeros(hh, ww, device=d.device, dtype=d.dtype)
+    for t, left in wins:
+        weight[t:t + h, left:left + w] += taper
     k = 0
     for i in range(g):
         for t, left in wins:
-            out[i, :, t:t + h, left:left + w] += d[k]
+            out[i, :, t:t + h, left:left + w] += d[k] * taper
             k += 1
-    count = window_counts(hh, ww, h, w, wins).to(device=out.device, dtype=out.dtype)
-    return out / count
+    return out / weight
