@@ -108,13 +108,14 @@ def test_our_templates_are_in_the_template_browser_and_load_into_the_graph(page,
 
 
 def test_sidebar_panel_opens_and_shows_the_pool_state(page, artifacts):
-    panel = open_panel(page)
+    open_panel(page)
     page.wait_for_function("window.hiresParallel.panel.snapshot !== null", timeout=WAIT_MS)
     assert panel_state(page) == "off"  # nothing has run on this server yet
     assert "not started" in page.inner_text('[data-hp="state-text"]')
     assert "No patch-parallel job running" in page.inner_text('[data-hp="job"]')
     assert page.is_enabled('[data-hp="restart"]') and page.is_enabled('[data-hp="shutdown"]')
-    save_screenshot(panel, artifacts, "sidebar_idle")
+    # a locator, not the handle open_panel returned: the panel re-renders on every status push
+    save_screenshot(page.locator('[data-hp="panel"]'), artifacts, "sidebar_idle")
 
 
 def test_panel_follows_a_job_step_by_step(page, browser_server, artifacts, test_pack):
@@ -165,8 +166,8 @@ def test_a_failed_run_shows_its_error_and_hint(page, browser_server, test_pack):
     prompt_id = browser_server.queue(sampler_prompt(steps=2, devices=3, cfg_parallel="on"))
     with pytest.raises(PromptFailed):
         browser_server.wait(prompt_id, timeout=JOB_TIMEOUT_S)
-    error = page.wait_for_selector('[data-hp="error"]', timeout=WAIT_MS)
-    text = error.inner_text()
+    page.wait_for_selector('[data-hp="error"]', timeout=WAIT_MS)
+    text = page.inner_text('[data-hp="error"]')  # looked up again: every status push re-renders the panel
     assert "ParallelInputError" in text and "cannot be halved" in text, text
     assert "Nothing ran" in page.inner_text('[data-hp="hint"]')
     assert panel_state(page) == "warm"  # a refused job leaves the pool as it was
