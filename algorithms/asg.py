@@ -326,8 +326,12 @@ def step_permutations(image_ids: Sequence[int], views: int, h: int, w: int, seed
     """The pixel-interaction permutations of one step, (G, N, h, w): one per image, so the conditional and
     unconditional groups of an image are shuffled alike (CFG then combines predictions of the same
     inputs) and an image's shuffles do not depend on what else is in the batch."""
-    return torch.cat([interaction_permutation(1, views, h, w, torch.Generator().manual_seed(
-        _seed(seed, step, 1 + 104_729 * int(i)))) for i in image_ids])
+    def draw(image: int) -> Tensor:
+        generator = torch.Generator().manual_seed(_seed(seed, step, 1 + 104_729 * image))
+        return interaction_permutation(1, views, h, w, generator)
+
+    drawn = {i: draw(i) for i in dict.fromkeys(int(i) for i in image_ids)}  # once per image, not per branch
+    return torch.cat([drawn[int(i)] for i in image_ids])
 
 
 def run_batched(denoise: Denoise, x: Tensor, sigma: Tensor, pieces: Sequence[Piece], batch: int) -> Tensor:

@@ -16,10 +16,11 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
+
+from bench_common import machine, tiny_sd15, write_result  # benchmarks/ is sys.path[0] when run as a script
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -35,14 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "asg.json"))
     args = ap.parse_args(argv)
 
-    from hires_parallel.comfy_host import ensure_comfy
-
-    ensure_comfy(cpu=True)
-    import torch
-
-    sys.path.insert(0, str(REPO / "tests"))
+    model, pos, neg = tiny_sd15(args.channels)
     import comfy.samplers
-    from support.tiny_models import build_sd15, make_conds
+    import torch
 
     from hires_parallel.algorithms.asg import structure_steps
     from hires_parallel.nodes.asg import patch_model
@@ -50,8 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     from hires_parallel.parallel.pool import shutdown_pool
     from hires_parallel.parallel.sampling_job import SamplerSpec
 
-    model = build_sd15(seed=0, model_channels=args.channels)
-    pos, neg = make_conds(model, seed=1)
     side = args.native // 8 * args.scale
     latent = torch.zeros(1, 4, side, side)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
@@ -115,15 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         st2 = "-" if r["s_per_step_stage2"] is None else f"{r['s_per_step_stage2']:.3f}"
         print(f"{r['config']:32s} {r['s_per_step']:7.3f} {st1:>7s} {st2:>7s} {r['speedup_vs_asg_1rank_1thread']:10.2f} "
               f"{r['time_vs_plain_1rank_1thread']:11.2f} {kib:13.1f} {'-' if diff is None else f'{diff:.2e}':>9s}")
-    result = {"benchmark": "asg", "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                                              "torch": torch.__version__},
+    result = {"benchmark": "asg", "machine": machine(),
               "native_px": args.native, "scale": args.scale, "latent": side, "steps": args.steps,
               "structure_steps": s1, "channels": args.channels, "view_batch": args.view_batch, "repeat": args.repeat,
               "load_average": os.getloadavg(), "rows": rows}
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import platform
 import statistics
 import sys
 import time
+
+from bench_common import machine, tiny_sd15, write_result  # benchmarks/ is sys.path[0] when run as a script
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -28,21 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "exact_scaling.json"))
     args = ap.parse_args(argv)
 
-    from hires_parallel.comfy_host import ensure_comfy
-
-    ensure_comfy(cpu=True)
-    import torch
-
-    sys.path.insert(0, str(REPO / "tests"))
+    model, pos, neg = tiny_sd15(args.channels)
     import comfy.samplers
-    from support.tiny_models import build_sd15, make_conds
+    import torch
 
     from hires_parallel.parallel import submit
     from hires_parallel.parallel.pool import shutdown_pool
     from hires_parallel.parallel.sampling_job import SamplerSpec
 
-    model = build_sd15(seed=0, model_channels=args.channels)
-    pos, neg = make_conds(model, seed=1)
     latent = torch.zeros(1, 4, args.size, args.size)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
     sigmas = comfy.samplers.KSampler(model, args.steps, "cpu", "euler", "karras", 1.0).sigmas
@@ -83,13 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         kib = sum(r["bytes_sent_per_step_rank0"].values()) / 1024
         print(f"{r['config']:28s} {r['s_per_step']:8.3f} {r['speedup_vs_1rank_1thread']:7.2f} "
               f"{r['speedup_vs_1rank_2threads']:7.2f} {kib:24.1f} {r['max_abs_diff_vs_first']:9.2e}")
-    result = {"benchmark": "exact_scaling", "machine": {"cpu_count": __import__("os").cpu_count(),
-                                                        "platform": platform.platform(), "torch": torch.__version__},
+    result = {"benchmark": "exact_scaling", "machine": machine(),
               "size": args.size, "steps": args.steps, "channels": args.channels, "rows": rows}
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
     return 0
 
 

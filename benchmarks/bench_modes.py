@@ -21,10 +21,11 @@ import json
 import math
 import os
 import pathlib
-import platform
 import sys
 import time
 from typing import Any
+
+from bench_common import machine, write_result  # benchmarks/ is sys.path[0] when run as a script
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODES = ("exact", "displaced", "partial")
@@ -303,15 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     if measured:
         print_measured(measured, args.steps, args.repeat)
     print_analytic(analytic)
-    import torch
-
-    result = {"benchmark": "modes", "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                                                "torch": torch.__version__},
+    result = {"benchmark": "modes", "machine": machine(),
               "steps": args.steps, "repeat": args.repeat, "measured": measured, "analytic_sdxl": analytic}
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result, indent=1, default=str)
     return 0
 
 

@@ -14,12 +14,12 @@ denoiser is where the published 7-rounds-for-100-steps figures come from).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import platform
 import sys
 import time
+
+from bench_common import machine, tiny_sd15, write_result  # benchmarks/ is sys.path[0] when run as a script
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTE = ("tiny random-weight test UNet: rounds reflect its rough denoiser; a trained model will follow. "
@@ -36,21 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "parataa.json"))
     args = ap.parse_args(argv)
 
-    from hires_parallel.comfy_host import ensure_comfy
-
-    ensure_comfy(cpu=True)
+    model, pos, neg = tiny_sd15(args.channels)
     import torch
-
-    sys.path.insert(0, str(REPO / "tests"))
     from comfy_extras.nodes_custom_sampler import (BasicScheduler, CFGGuider, KSamplerSelect, RandomNoise,
                                                    SamplerCustomAdvanced)
-    from support.tiny_models import build_sd15, make_conds
 
     from hires_parallel.nodes import parataa
 
     torch.set_num_threads(2)
-    model = build_sd15(seed=0, model_channels=args.channels)
-    pos, neg = make_conds(model, seed=1)
     changed = [[pos[0][0] + 0.05 * torch.randn(pos[0][0].shape, generator=torch.Generator().manual_seed(7)),
                 pos[0][1]]]
     latent = {"samples": torch.zeros(1, 4, args.size, args.size)}
@@ -102,13 +95,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['taa']['evaluations']:6d} {r['taa']['s']:7.2f} {r['depth_speedup']:7.2f} {r['cpu_speedup']:6.2f} "
               f"{r['warm_same']['rounds']:9d} {r['warm_changed']['rounds']:8d} {r['taa']['rel_diff_vs_euler']:9.2e}")
     result = {"benchmark": "parataa", "note": NOTE,
-              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                          "load_avg_1min": round(os.getloadavg()[0], 2)},
+              "machine": machine(load_avg_1min=round(os.getloadavg()[0], 2)),
               "size": args.size, "channels": args.channels, "cfg": args.cfg, "rows": rows}
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
     return 0
 
 

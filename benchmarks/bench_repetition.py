@@ -30,7 +30,6 @@ import json
 import math
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +37,8 @@ from typing import Any, Callable
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_common import machine, write_result  # noqa: E402 (benchmarks/ is on the path)
 
 DEEP_SHRINK_BLOCK = 2  # input block after the first downsample of a num_res_blocks=1 UNet (SD1.5: block 3)
 RELAY_TIMESTEP = {2: 500.0, 3: 600.0}  # README: 500 for 2x, 600 for 3x to 4x
@@ -226,14 +227,10 @@ def main(argv: list[str] | None = None) -> int:
                      "parallel": {"devices": 2, "device_kind": "cpu", "modes": modes},
                      "metrics": {"saturation": metrics.SATURATION, "min_fraction": metrics.MIN_FRACTION}},
         "structure_guidance": asg_status,
-        "machine": {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform(),
-                    "torch": torch.__version__},
+        "machine": machine(threads=torch.get_num_threads()),
         "rows": rows, "per_image": per_image,
     }
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
     if args.grid:
         grid_rows = [m for m in ("plain", "deep shrink", "relay", "structure guidance") if any(k[0] == m for k in runs)]
         grid_rows += [f"parallel {m}" for m in modes if m not in ("exact", "batch")]  # only modes that may differ

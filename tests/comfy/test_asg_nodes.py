@@ -211,14 +211,6 @@ def test_patched_model_ships_to_workers_and_the_run_state_stays_home(sd15):
     assert copy.plan == wrapper.plan and not copy.state.masks and not copy.last_masks
 
 
-@pytest.fixture()
-def one_thread():
-    """Single-device references with 1 thread, like each worker: differences then come from the split only."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
     mse = float((a - ref).pow(2).mean())

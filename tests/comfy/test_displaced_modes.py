@@ -29,23 +29,16 @@ FLOOR_DB = 47.0
 SDXL_FLOOR_DB = 40.0  # 3 ragged bands of 4 rows at 1/4 resolution: partial attends to 2 rows of each neighbour
 CORRECTED_GN_FLOOR_DB = 35.0  # stale GroupNorm statistics at low resolution: the known weak spot
 PROBE_TOL = 1e-4
-WORLD_FNS = {2: dc.world2, 3: dc.world3}
+WORLDS = (2, 3)
 
-
-@pytest.fixture(scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, list[dict[str, Any]]]]:
     out = {}
-    for world, fn in WORLD_FNS.items():
+    for world in WORLDS:
         t0 = time.monotonic()
-        per_rank = spawn_run(fn, world, tmp_path_factory.mktemp(f"displaced{world}"), 300)
+        per_rank = spawn_run(dc.run_world, world, tmp_path_factory.mktemp(f"displaced{world}"), 300)
         out[world] = {r["name"]: [p[r["name"]] for p in per_rank] for r in dc.RUNS[world]}
         print(f"\n[spawn] {world} gloo ranks, {len(dc.RUNS[world])} runs: {time.monotonic() - t0:.1f} s")
     return out

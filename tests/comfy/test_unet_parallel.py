@@ -26,25 +26,16 @@ from support.gloo import spawn_run
 
 TOL_REL = 1e-5
 SPAWN_TIMEOUT_S = 150
-WORLD_FNS = {2: uc.world2, 3: uc.world3, 4: uc.world4}
+WORLDS = (2, 3, 4)
 
 
 # ---------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def one_thread():
-    """References with 1 thread, like the ranks: differences then come from the band split only."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, Any]]]:
     out = {}
-    for world, fn in WORLD_FNS.items():
+    for world in WORLDS:
         t0 = time.monotonic()
-        out[world] = spawn_run(fn, world, tmp_path_factory.mktemp(f"unet_world{world}"), SPAWN_TIMEOUT_S)
+        out[world] = spawn_run(uc.run_world, world, tmp_path_factory.mktemp(f"unet_world{world}"), SPAWN_TIMEOUT_S)
         print(f"\n[spawn] {world} gloo ranks, {len(uc.CASES[world])} cases: {time.monotonic() - t0:.1f} s")
     return out
 
@@ -75,7 +66,7 @@ def _check(label: str, out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------- spawned runs
-@pytest.mark.parametrize("world", sorted(WORLD_FNS))
+@pytest.mark.parametrize("world", WORLDS)
 def test_parallel_sampling_matches_single_device(runs, one_thread, world: int) -> None:
     for c in uc.CASES[world]:
         per_rank = [r[c["name"]]["out"] for r in runs[world]]

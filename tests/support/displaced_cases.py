@@ -185,16 +185,8 @@ def run_parallel(rank: int, world: int, r: dict[str, Any]) -> dict[str, Any]:
         runtime.close()
 
 
-def _run_world(rank: int, world: int) -> dict[str, Any]:
+def run_world(rank: int, world: int) -> dict[str, Any]:
     from hires_parallel.comfy_host import ensure_comfy
 
     ensure_comfy()
     return {r["name"]: run_parallel(rank, world, r) for r in RUNS[world]}
-
-
-def world2(rank: int, world: int) -> dict[str, Any]:
-    return _run_world(rank, world)
-
-
-def world3(rank: int, world: int) -> dict[str, Any]:
-    return _run_world(rank, world)

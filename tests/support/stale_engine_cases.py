@@ -77,11 +77,3 @@ def engine_world(rank: int, world: int) -> dict[str, Any]:
     engine.drain()
     out["partial late"] = late
     return out
-
-
-def world2(rank: int, world: int) -> dict[str, Any]:
-    return engine_world(rank, world)
-
-
-def world3(rank: int, world: int) -> dict[str, Any]:
-    return engine_world(rank, world)

@@ -1,5 +1,5 @@
 """Cases for tests/comfy/test_unet_parallel.py: the same ComfyUI sampling run on one device (parent
-process) and patch-parallel on spawned gloo ranks (functions ``world2`` / ``world3`` / ``world4``).
+process) and patch-parallel on spawned gloo ranks (``run_world`` on 2, 3 and 4 ranks).
 
 A case is a plain dict; ``build_model`` and ``sample_case`` are shared by the parent and the ranks, so
 both sides run exactly the same ComfyUI loop (``comfy.sample.sample``, noise from
@@ -188,21 +188,8 @@ def run_parallel(rank: int, world: int, c: dict[str, Any]) -> dict[str, Any]:
         runtime.close()
 
 
-def _run_world(rank: int, world: int) -> dict[str, Any]:
+def run_world(rank: int, world: int) -> dict[str, Any]:
     from hires_parallel.comfy_host import ensure_comfy
 
     ensure_comfy()
     return {c["name"]: run_parallel(rank, world, c) for c in CASES[world]}
-
-
-def world2(rank: int, world: int) -> dict[str, Any]:
-    return _run_world(rank, world)
-
-
-def world3(rank: int, world: int) -> dict[str, Any]:
-    return _run_world(rank, world)
-
-
-def world4(rank: int, world: int) -> dict[str, Any]:
-    return _run_world(rank, world)
-

@@ -27,9 +27,9 @@ from support.gloo import spawn_run
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict]]:
     out = {}
-    for world, fn in ((2, sc.world2), (3, sc.world3)):
+    for world in (2, 3):
         t0 = time.monotonic()
-        out[world] = spawn_run(fn, world, tmp_path_factory.mktemp(f"stale{world}"), 120)
+        out[world] = spawn_run(sc.engine_world, world, tmp_path_factory.mktemp(f"stale{world}"), 120)
         print(f"\n[spawn] {world} gloo ranks: {time.monotonic() - t0:.1f} s")
     return out
 
