@@ -1,8 +1,12 @@
 """Find and import the ComfyUI host from outside a running ComfyUI (tests, benchmarks, CLI, workers).
 
-Inside ComfyUI nothing here is needed: ``comfy`` is already imported. Elsewhere the checkout is taken
-from ``COMFYUI_PATH``, else from the folder this pack sits in (``ComfyUI/custom_nodes/<pack>``), else
-from ``DEFAULT_COMFYUI_PATH``.
+Inside ComfyUI nothing here is needed: ``comfy`` is already imported. Elsewhere the ComfyUI to use is, in
+this order:
+
+1. the ComfyUI that contains this pack (the pack sits in ``<ComfyUI>/custom_nodes/<pack>/``);
+2. ``COMFYUI_PATH`` (a ComfyUI checkout: the folder holding main.py and comfy/); when it is set but is not
+   a ComfyUI, nothing further is tried, so a wrong setting is reported rather than silently replaced;
+3. ``DEFAULT_COMFYUI_PATH`` (``/work/ComfyUI``), the last resort.
 """
 from __future__ import annotations
 
@@ -12,9 +16,10 @@ import sys
 DEFAULT_COMFYUI_PATH = "/work/ComfyUI"
 
 HOW_TO = (
-    "HiRes Parallel needs ComfyUI for this. Run it inside ComfyUI (custom_nodes/), or point "
-    "COMFYUI_PATH at a ComfyUI checkout (the folder holding main.py and comfy/), "
-    f"or put one at {DEFAULT_COMFYUI_PATH}."
+    "HiRes Parallel needs ComfyUI for this. It uses the ComfyUI that contains the pack (ComfyUI/custom_nodes/"
+    "<this pack>), else COMFYUI_PATH (the folder holding ComfyUI's main.py and comfy/), else "
+    f"{DEFAULT_COMFYUI_PATH}. Put the pack in ComfyUI/custom_nodes/, or clone ComfyUI anywhere and set "
+    "COMFYUI_PATH to it."
 )
 
 
@@ -26,15 +31,25 @@ def _is_comfy_root(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "main.py")) and os.path.isdir(os.path.join(path, "comfy"))
 
 
-def find_comfyui() -> str | None:
-    """The ComfyUI checkout to use, or None."""
-    env = os.environ.get("COMFYUI_PATH")
+def containing_comfyui(pack_dir: str | None = None) -> str | None:
+    """The ComfyUI root whose ``custom_nodes/`` holds the pack (``pack_dir``, default this file's folder)."""
+    here = os.path.abspath(pack_dir or os.path.dirname(os.path.abspath(__file__)))
+    parent = os.path.dirname(here)
+    root = os.path.dirname(parent)
+    if os.path.basename(parent) == "custom_nodes" and _is_comfy_root(root):
+        return root
+    return None
+
+
+def find_comfyui(pack_dir: str | None = None, env: str | None = None) -> str | None:
+    """The ComfyUI checkout to use, or None: the one containing the pack, else ``COMFYUI_PATH``, else
+    ``DEFAULT_COMFYUI_PATH``. ``pack_dir`` and ``env`` (default: this pack, ``$COMFYUI_PATH``) are for tests."""
+    containing = containing_comfyui(pack_dir)
+    if containing:
+        return containing
+    env = os.environ.get("COMFYUI_PATH") if env is None else env
     if env:
         return os.path.abspath(env) if _is_comfy_root(env) else None
-    here = os.path.dirname(os.path.abspath(__file__))
-    grandparent = os.path.dirname(os.path.dirname(here))
-    if os.path.basename(os.path.dirname(here)) == "custom_nodes" and _is_comfy_root(grandparent):
-        return grandparent
     return DEFAULT_COMFYUI_PATH if _is_comfy_root(DEFAULT_COMFYUI_PATH) else None
 
 

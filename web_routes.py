@@ -1,9 +1,12 @@
 """HTTP routes of the web panel, under /hires_parallel/ (ComfyUI serves them under /api/hires_parallel/ too).
 
     GET  /hires_parallel/status          pool state, the run in progress, the last run, the last error + hint
-    GET  /hires_parallel/layout?height=&width=&devices=&device_kind=&mode=&weights=&cfg_parallel=&align=
+    GET  /hires_parallel/layout?height=&width=&devices=&device_kind=&mode=&weights=&cfg_parallel=
+                               &checkpoint=&family=&align=
                                          the band split a sampler node would use (split_rows), in latent and
                                          pixel rows; {"ok": false, "error": ...} when the settings give none
+    GET  /hires_parallel/align?checkpoint=&family=
+                                         the band alignment a run of that model uses (layout.band_alignment)
     POST /hires_parallel/pool/shutdown   stop the workers and free the shared weight files
     POST /hires_parallel/pool/restart    stop the workers; they start again on the next job
 
@@ -19,12 +22,18 @@ import sys
 from typing import Any, Mapping
 
 from .parallel import monitor
+from .parallel.layout import band_alignment
 
 log = logging.getLogger("hires_parallel")
 
 PREFIX = "/hires_parallel"
 PIXELS_PER_LATENT_ROW = 8  # SD1.x/2.x/SDXL latents: the families patch-parallel sampling splits
-DEFAULT_ALIGN = 8  # SD1.x/2.x UNets (3 downsamplings); SDXL needs 4, so 8 is valid for both
+# The band alignment comes from the model, with the rule a run uses (parallel.layout.band_alignment): SD1.x/2.x 8,
+# SDXL 4. The overlay names the checkpoint its sampler's model comes from (or a family); when the model is
+# unknown the SD1.x rule is shown and the answer also carries the bands of the families that align otherwise.
+DEFAULT_FAMILY = "sd15"
+FAMILIES = ("sd15", "sdxl")
+MODEL_FOLDERS = ("checkpoints", "diffusion_models", "unet")  # where ComfyUI keeps loadable UNets
 DEFAULT_SIZE = 1024
 MAX_SIZE = 16384  # ComfyUI's MAX_RESOLUTION
 _registered: set[int] = set()  # ids of route tables we added to (ComfyUI may call the entry point twice)
@@ -47,16 +56,93 @@ def _int(query: Mapping[str, str], name: str, default: int, lo: int, hi: int) ->
     return value
 
 
+def _file_alignment(path: str, mtime_ns: int) -> int | None:
+    key = (path, mtime_ns)
+    if key not in _ALIGN_CACHE:
+        align = None
+        if path.lower().endswith((".safetensors", ".sft")):
+            try:
+                from safetensors import safe_open
+
+                with safe_open(path, framework="pt") as f:  # reads the header only
+                    align = band_alignment(list(f.keys()))
+            except Exception as e:  # noqa: BLE001 - a broken or foreign file: the model stays unknown
+                log.debug("HiRes Parallel: no band alignment from %s: %s", path, e)
+        if len(_ALIGN_CACHE) > 256:
+            _ALIGN_CACHE.clear()
+        _ALIGN_CACHE[key] = align
+    return _ALIGN_CACHE[key]
+
+
+_ALIGN_CACHE: dict[tuple[str, int], int | None] = {}
+
+
+def checkpoint_path(name: str) -> str | None:
+    """The file of a checkpoint / UNet name as ComfyUI's loaders resolve it; None outside ComfyUI or if absent."""
+    try:
+        import folder_paths  # ComfyUI's own module: there in a server, absent in the unit tests
+    except ImportError:
+        return None
+    for folder in MODEL_FOLDERS:
+        try:
+            path = folder_paths.get_full_path(folder, name)
+        except Exception:  # noqa: BLE001 - a folder this ComfyUI does not know
+            path = None
+        if path:
+            return path
+    return None
+
+
+def checkpoint_alignment(name: str) -> int | None:
+    """The band alignment of a checkpoint file, from the tensor names in its header; None when unknown."""
+    path = checkpoint_path(name) if name else None
+    if not path:
+        return None
+    import os
+
+    try:
+        return _file_alignment(os.path.abspath(path), os.stat(path).st_mtime_ns)
+    except OSError:
+        return None
+
+
+def alignment_for(query: Mapping[str, str]) -> dict:
+    """The band alignment for a query: ``align`` (explicit), else ``family``, else ``checkpoint`` (read from the
+    file's header), else the SD1.x rule with ``known`` False. Always with the rule's answer per family."""
+    from .parallel.layout import LayoutError
+
+    by_family = {f: band_alignment(f) for f in FAMILIES}
+    explicit = query.get("align", "")
+    family = (query.get("family") or "").strip()
+    checkpoint = (query.get("checkpoint") or "").strip()
+    if explicit not in ("", None):
+        align = _int(query, "align", 0, 1, 64)
+        return {"align": align, "source": f"align={align}", "known": True, "by_family": by_family}
+    if family:
+        try:
+            align = band_alignment(family)
+        except LayoutError as e:
+            raise BadRequest(str(e)) from None
+        return {"align": align, "source": f"family {family}", "known": True, "by_family": by_family}
+    if checkpoint:
+        align = checkpoint_alignment(checkpoint)
+        if align is not None:
+            return {"align": align, "source": checkpoint, "known": True, "by_family": by_family}
+    return {"align": by_family[DEFAULT_FAMILY], "source": f"{DEFAULT_FAMILY} rule (model unknown)", "known": False,
+            "by_family": by_family}
+
+
 def layout_for(query: Mapping[str, str]) -> dict:
     """The band split for a node's settings. Raises BadRequest for a malformed query and the pack's own
     input errors (ParallelInputError, LayoutError) for settings that give no layout."""
     from .parallel import submit
-    from .parallel.layout import ParallelPlan, split_rows
+    from .parallel.layout import LayoutError, ParallelPlan, split_rows
 
     height = _int(query, "height", DEFAULT_SIZE, 8, MAX_SIZE)
     width = _int(query, "width", DEFAULT_SIZE, 8, MAX_SIZE)
     requested = _int(query, "devices", 0, 0, 64)
-    align = _int(query, "align", DEFAULT_ALIGN, 1, 64)
+    alignment = alignment_for(query)
+    align = alignment["align"]
     kind = query.get("device_kind") or "auto"
     mode = query.get("mode") or "exact"
     cfg_setting = query.get("cfg_parallel") or "auto"
@@ -71,19 +157,31 @@ def layout_for(query: Mapping[str, str]) -> dict:
     plan = ParallelPlan(world, cfg, batch_split=world if batch_mode else 0)
     weights = None if batch_mode else submit.band_weights(query.get("weights", ""), plan)
     rows = height // PIXELS_PER_LATENT_ROW
-    if world == 1:
-        split = [(0, rows)]  # one device runs the whole image in-process: nothing is split
-    else:
+    split_bands = world > 1 and not batch_mode
+    if split_bands:
         split = split_rows(rows, plan.bands_per_group, align, weights, pixel_scale=PIXELS_PER_LATENT_ROW)
+    else:
+        split = [(0, rows)]  # one device runs the whole image; batch mode splits no rows
     bands = []
     for b, (start, end) in enumerate(split):
-        ranks = plan.peer_ranks(b)
+        ranks = plan.peer_ranks(b) if split_bands else list(range(world))
         bands.append({"index": b, "ranks": ranks, "devices": [devices[r] for r in ranks],
                       "latent_rows": [start, end],
                       "pixel_rows": [start * PIXELS_PER_LATENT_ROW, end * PIXELS_PER_LATENT_ROW]})
+    by_family = {}
+    if split_bands and not alignment["known"]:  # what the other families' runs would use
+        for family, other in alignment["by_family"].items():
+            if other == align:
+                continue
+            try:
+                by_family[family] = [list(r) for r in split_rows(rows, plan.bands_per_group, other, weights)]
+            except LayoutError as e:
+                by_family[family] = str(e)
     return {
         "ok": True, "height": height, "width": width, "latent_rows": rows,
-        "latent_cols": width // PIXELS_PER_LATENT_ROW, "align": align, "pixel_scale": PIXELS_PER_LATENT_ROW,
+        "latent_cols": width // PIXELS_PER_LATENT_ROW, "align": align, "align_source": alignment["source"],
+        "model_known": alignment["known"], "align_by_family": alignment["by_family"],
+        "bands_by_family": by_family, "pixel_scale": PIXELS_PER_LATENT_ROW,
         "devices_requested": requested, "devices": devices, "world_size": world, "mode": mode,
         "cfg_parallel": plan.cfg_parallel, "batch_groups": plan.batch_groups, "bands_per_group": len(bands),
         "band_weights": weights, "bands": bands,
@@ -98,6 +196,13 @@ def _json(data: Any, status: int = 200):
 
 async def status_handler(request):
     return _json(monitor.snapshot())
+
+
+async def align_handler(request):
+    try:
+        return _json({"ok": True, **alignment_for(request.rel_url.query)})
+    except BadRequest as e:
+        return _json({"ok": False, "error": str(e)}, status=400)
 
 
 async def layout_handler(request):
@@ -143,6 +248,7 @@ def add_routes(routes) -> None:
     """Add our routes to an aiohttp RouteTableDef (PromptServer.routes, or a test app's)."""
     routes.get(PREFIX + "/status")(status_handler)
     routes.get(PREFIX + "/layout")(layout_handler)
+    routes.get(PREFIX + "/align")(align_handler)
     routes.post(PREFIX + "/pool/shutdown")(shutdown_handler)
     routes.post(PREFIX + "/pool/restart")(restart_handler)
 
@@ -164,4 +270,4 @@ def register(server: Any = None) -> bool:
     return True
 
 
-__all__ = ["PREFIX", "layout_for", "add_routes", "register"]
+__all__ = ["PREFIX", "alignment_for", "layout_for", "add_routes", "register"]

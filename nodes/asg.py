@@ -160,6 +160,8 @@ class _MapRecorder:
     def _share(self) -> None:
         import torch.distributed as dist
 
+        from ..parallel.comm import all_reduce
+
         factors = sorted(self.levels)  # every rank records the same layers, so the same levels
         if not factors:
             return
@@ -167,10 +169,10 @@ class _MapRecorder:
         flat = torch.cat([p.reshape(-1).float() for p in parts])
         stats = getattr(self.runtime, "stats", None)
         if stats is None or not hasattr(stats, "time"):
-            dist.all_reduce(flat)
+            all_reduce(flat)
         else:
             with stats.time("asg_mask"):
-                dist.all_reduce(flat)
+                all_reduce(flat)
             world = dist.get_world_size()
             nbytes = 2 * (world - 1) * flat.numel() * flat.element_size() // world  # a ring all-reduce's traffic
             stats.add("asg_mask", nbytes, nbytes)

@@ -11,7 +11,7 @@ import comfy.utils
 import latent_preview
 from comfy_api.v0_0_2 import io, ui
 
-from ..parallel import submit
+from ..parallel import monitor, submit
 from ..parallel.sampling_job import SamplerSpec, sampler_spec
 
 
@@ -35,7 +35,8 @@ def _parallel_inputs() -> list:
                                "shared out over the devices; no bands, also exact."),
         io.Combo.Input("cfg_parallel", options=submit.CFG_PARALLEL, default="auto",
                        tooltip="Run the positive and negative prompt on different halves of the devices. auto: on for an "
-                               "even number of devices when there is a negative prompt."),
+                               "even number of devices when there is a negative prompt and cfg is not 1 (at cfg 1 "
+                               "ComfyUI skips the negative prompt, so all devices split bands; on is refused)."),
         io.String.Input("device_weights", default="", optional=True,
                         tooltip="Optional relative speed per device, in device order, e.g. 2,1 when the first GPU is "
                                 "twice as fast: faster devices get taller bands. Empty = equal bands."),
@@ -93,6 +94,7 @@ class HiResParallelPatchParallelKSampler(io.ComfyNode):
         )
 
     @classmethod
+    @monitor.watched  # every refusal reaches the web panel's last error, not only those of run_sampling
     def execute(cls, model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,
                 latent_image: dict, denoise: float, devices: int, device_kind: str, mode: str,
                 cfg_parallel: str, device_weights: str = "", warmup: int = 0, partial_fraction: float = 0.3,
@@ -128,6 +130,7 @@ class PatchParallelGuider(comfy.samplers.CFGGuider):
         self.raw_positive, self.raw_negative = positive, negative
         super().set_conds(positive, negative)
 
+    @monitor.watched  # refusals before run_sampling (e.g. a sampler that cannot be shipped) reach the panel too
     def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
                seed=None):
         if sigmas.shape[-1] == 0:
@@ -159,6 +162,7 @@ class HiResParallelPatchParallelGuider(io.ComfyNode):
         )
 
     @classmethod
+    @monitor.watched  # a refusal here (devices, device_kind) reaches the web panel's last error too
     def execute(cls, model, positive, negative, cfg: float, devices: int, device_kind: str, mode: str,
                 cfg_parallel: str, device_weights: str = "", warmup: int = 0, partial_fraction: float = 0.3,
                 partial_fraction_late: float = -1.0, groupnorm: str = "auto") -> io.NodeOutput:

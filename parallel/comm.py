@@ -24,7 +24,115 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["CommStats", "BandGroup", "gather_batch", "tensor_bytes"]
+__all__ = ["CommStats", "BandGroup", "gather_batch", "tensor_bytes", "all_reduce", "all_gather",
+           "batch_isend_irecv", "set_host_staging"]
+
+# ---------------------------------------------------------------------------------- host staging
+# gloo (Windows, torch builds without NCCL) moves host tensors only. A GPU rank on gloo turns this on
+# (worker.py): every exchange below then goes through host memory (pinned where CUDA can pin), device
+# tensors are copied out before a send and back after a receive completes. Byte and wait accounting
+# are the callers' and count the same bytes either way.
+_STAGING = {"on": False, "host_too": False}
+
+
+def set_host_staging(on: bool, host_too: bool = False) -> None:
+    """Stage device tensors through host memory (``host_too``: host tensors as well, so that tests on
+    machines without a GPU run the very same copies)."""
+    _STAGING["on"], _STAGING["host_too"] = bool(on), bool(on and host_too)
+
+
+def host_staging() -> bool:
+    return _STAGING["on"]
+
+
+def _staged(t: torch.Tensor) -> bool:
+    return _STAGING["on"] and (t.device.type != "cpu" or _STAGING["host_too"])
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of ``t`` (pinned when CUDA is there to pin it, for fast copies both ways)."""
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
+    out.copy_(t)
+    return out
+
+
+class _StagedWork:
+    """A receive through a host buffer: ``wait`` finishes it and copies the data to its device tensor."""
+
+    def __init__(self, work: Any, host: torch.Tensor | None, target: torch.Tensor | None) -> None:
+        self.work, self.host, self.target = work, host, target
+
+    def wait(self, *args: Any) -> bool:
+        done = self.work.wait(*args)
+        if self.target is not None:
+            self.target.copy_(self.host)
+            self.target = None
+        return done
+
+    def is_completed(self) -> bool:
+        return self.work.is_completed()
+
+
+def all_reduce(t: torch.Tensor, op: Any = None, group: Any = None) -> torch.Tensor:
+    """dist.all_reduce in place (SUM by default), through host memory when staging is on."""
+    op = dist.ReduceOp.SUM if op is None else op
+    if not _staged(t):
+        dist.all_reduce(t, op=op, group=group)
+        return t
+    host = _host_copy(t)
+    dist.all_reduce(host, op=op, group=group)
+    t.copy_(host)
+    return t
+
+
+def all_gather(bufs: list[torch.Tensor], t: torch.Tensor, group: Any = None) -> None:
+    """dist.all_gather into ``bufs``, through host memory when staging is on."""
+    if not _staged(t):
+        dist.all_gather(bufs, t, group=group)
+        return
+    host = [torch.empty(b.shape, dtype=b.dtype, pin_memory=torch.cuda.is_available()) for b in bufs]
+    dist.all_gather(host, _host_copy(t), group=group)
+    for b, h in zip(bufs, host):
+        b.copy_(h)
+
+
+def batch_isend_irecv(ops: list) -> list:
+    """dist.batch_isend_irecv; with staging, sends go from host copies and receives land in host buffers
+    that each returned work copies to the device tensor when waited on."""
+    if not ops:
+        return []
+    if not any(_staged(op.tensor) for op in ops):
+        return dist.batch_isend_irecv(ops)
+    staged, targets = [], []
+    for op in ops:
+        t = op.tensor
+        host, target = t, None
+        if _staged(t):
+            host = _host_copy(t) if op.op is dist.isend else torch.empty(t.shape, dtype=t.dtype,
+                                                                         pin_memory=torch.cuda.is_available())
+            target = t if op.op is not dist.isend else None
+        staged.append(dist.P2POp(op.op, host, op.peer, op.group, op.tag))
+        targets.append((host, target))
+    works = dist.batch_isend_irecv(staged)
+    if len(works) != len(staged):  # one work for the whole batch (some backends): copy back after it
+        recvs = [(h, t) for h, t in targets if t is not None]
+        return [_BatchStagedWork(w, recvs) for w in works]
+    return [_StagedWork(w, h, t) for w, (h, t) in zip(works, targets)]
+
+
+class _BatchStagedWork:
+    def __init__(self, work: Any, recvs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.work, self.recvs = work, recvs
+
+    def wait(self, *args: Any) -> bool:
+        done = self.work.wait(*args)
+        for host, target in self.recvs:
+            target.copy_(host)
+        self.recvs = []
+        return done
+
+    def is_completed(self) -> bool:
+        return self.work.is_completed()
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -296,7 +404,7 @@ class BandGroup:
                 ops.append(dist.P2POp(dist.isend, out, self.prev_rank, self.group))
                 sent += tensor_bytes(out)
             with self.stats.time(kind):
-                for work in dist.batch_isend_irecv(ops):
+                for work in batch_isend_irecv(ops):
                     work.wait()
             self.stats.add(kind, sent, received)
         return above, below
@@ -307,7 +415,7 @@ class BandGroup:
         if self.size == 1:
             return t
         with self.stats.time(kind):
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+            all_reduce(t, dist.ReduceOp.SUM, self.group)
         nbytes = _ring_all_reduce_bytes(tensor_bytes(t), self.size)
         self.stats.add(kind, nbytes, nbytes)
         return t
@@ -316,7 +424,7 @@ class BandGroup:
         t = t.contiguous()
         bufs = [torch.empty_like(t) for _ in range(self.size)]
         with self.stats.time(kind):
-            dist.all_gather(bufs, t, group=self.group)
+            all_gather(bufs, t, self.group)
         nbytes = (self.size - 1) * tensor_bytes(t)
         self.stats.add(kind, nbytes, nbytes)
         return bufs
@@ -385,9 +493,9 @@ def gather_batch(
     bufs = [torch.empty_like(x) for _ in range(size)]
     if stats is not None:
         with stats.time(kind):
-            dist.all_gather(bufs, x, group=group)
+            all_gather(bufs, x, group)
         nbytes = (size - 1) * tensor_bytes(x)
         stats.add(kind, nbytes, nbytes)
     else:
-        dist.all_gather(bufs, x, group=group)
+        all_gather(bufs, x, group)
     return torch.cat(bufs, dim=0)

@@ -11,7 +11,7 @@ background:
   ``sync`` keeps GroupNorm exact and blocking (cheap in bytes; the fix for black images at low
   resolution);
 * self-attention: fresh own K/V with the other bands' K/V of the previous step (``displaced``: every
-  band, one all_gather), or only a window of the two neighbour bands, the ``fraction`` of each
+  band, point-to-point with each), or only a window of the two neighbour bands, the ``fraction`` of each
   neighbour's rows nearest to this band (``partial``, PCPP: point-to-point, fewer bytes).
 
 Steps are counted by distinct sigma of the UNet calls. A step may hold several calls (cond and uncond
@@ -24,6 +24,14 @@ same layers, cuts them into the same buckets and starts the same collectives in 
 live in buffers allocated once; a bucket's async exchange starts when its last layer has written, and is
 waited for only when a layer of the next step reads it. Cross-attention is local to each band and uses
 the conditioning of the current call, so no text K/V is cached here (timestep-ranged conds just work).
+
+Memory kept per self-attention layer and call slot between steps (tests/support/stale_engine_cases.py
+``kept_bytes`` measures it): displaced, the other bands' K/V ((N-1)/N of the image's K/V with even bands)
+plus this band's own K/V in flight (1/N), i.e. one image's K/V, no padding; partial, the two neighbour
+windows received plus this band's two edge windows sent (about 4 x fraction x band rows). An exact call
+that records for the next step keeps compact copies of exactly what will be read (never views of the
+gathered K/V); they move into the buckets bucket by bucket when the buckets are built, so the warmup
+switch holds no second copy beyond one bucket. memory_plan.py estimates these bytes before a run.
 """
 from __future__ import annotations
 
@@ -36,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from .band_ops import ConvGeometry, conv_band_rows, group_norm_from_sums, group_norm_sums
-from .comm import BandGroup, CommStats
+from .comm import BandGroup, CommStats, batch_isend_irecv
 
 __all__ = [
     "STALE_MODES",
@@ -148,18 +156,22 @@ class _Layer:
     def __init__(self, kind: str, spec: tuple, transport: str, dtype: torch.dtype, weight: int) -> None:
         self.kind = kind  # CommStats kind: "halo", "groupnorm", "kv"
         self.spec = spec  # checked on every call of the slot: the same layer sequence, the same shapes
-        self.transport = transport  # "gather" (all_gather) or "p2p" (neighbours)
+        self.transport = transport  # "peers" (every other band) or "p2p" (neighbours)
         self.dtype = dtype
         self.weight = int(weight)  # rank-independent bytes, for cutting buckets identically everywhere
-        self.gather_numel = 0  # gather: per-rank region (padded to the largest band's payload)
+        self.peer_numel: list[int] = []  # peers: elements each band sends (own entry: what this band sends)
         self.p2p = (0, 0, 0, 0)  # p2p: elements sent to prev, to next, received from prev, from next
-        self.saved: Any = None
+        self.saved: Any = None  # what an exact call recorded (compact copies), until moved into its bucket
         self.bucket: _Bucket | None = None
-        self.offsets = (0, 0, 0, 0)  # gather: (offset, ...); p2p: offsets in the four flat buffers
+        self.offsets: tuple[int, ...] = (0, 0, 0, 0)  # peers: offset in each band's buffer; p2p: in the four
 
 
 class _Bucket:
-    """Consecutive layers of one transport and dtype whose exchange is one async operation."""
+    """Consecutive layers of one transport and dtype whose exchange is one async operation.
+
+    Memory: "peers" keeps one buffer per OTHER band (exactly its payload, no padding, none for this band)
+    plus one send buffer of this band's payload; "p2p" keeps the neighbour windows only (two to send,
+    two received). Nothing else of a layer stays alive between steps."""
 
     def __init__(self, transport: str, dtype: torch.dtype, layers: list[_Layer], band: BandGroup, device: Any,
                  tag: int) -> None:
@@ -167,15 +179,18 @@ class _Bucket:
         self.works: list[Any] = []
         self.filled = 0
         self.kind_bytes: dict[str, int] = {}
-        if transport == "gather":
-            off = 0
+        if transport == "peers":
+            me, n = band.index, band.size
+            offs = [0] * n
             for lay in layers:
-                lay.bucket, lay.offsets = self, (off, 0, 0, 0)
-                off += lay.gather_numel
-            self.send = torch.zeros(off, dtype=dtype, device=device)
-            self.recv = [torch.zeros(off, dtype=dtype, device=device) for _ in range(band.size)]
+                lay.bucket, lay.offsets = self, tuple(offs)
+                offs = [o + k for o, k in zip(offs, lay.peer_numel)]
+            # recv[me] is empty: this band's own data lives in ``send`` (and in the caller's tensors).
+            self.send = torch.zeros(offs[me], dtype=dtype, device=device)
+            self.recv = [torch.zeros(0 if j == me else offs[j], dtype=dtype, device=device) for j in range(n)]
+            size = self.send.element_size()
             for lay in layers:
-                b = (band.size - 1) * lay.gather_numel * self.send.element_size()
+                b = ((n - 1) * lay.peer_numel[me] + sum(lay.peer_numel) - lay.peer_numel[me]) * size
                 self.kind_bytes[lay.kind] = self.kind_bytes.get(lay.kind, 0) + b
         else:
             offs = [0, 0, 0, 0]
@@ -188,12 +203,46 @@ class _Bucket:
                 b = sum(lay.p2p) * size
                 self.kind_bytes[lay.kind] = self.kind_bytes.get(lay.kind, 0) + b
 
+    def stash(self, lay: _Layer) -> None:
+        """Move what an exact call recorded for ``lay`` into this bucket's receive regions (then drop it),
+        so that the first stale call reads it where later calls read the async exchange's data."""
+        data, lay.saved = lay.saved, None
+        if data is None:
+            return
+        o = lay.offsets
+        if self.transport == "peers":
+            if lay.kind == "groupnorm":  # the other bands' summed statistics: one region, the rest stays 0
+                j = next(j for j, n in enumerate(self.recv) if n.numel())
+                self.recv[j][o[j] : o[j] + data.numel()].copy_(data.reshape(-1))
+                return
+            for j, part in enumerate(data):
+                if part is not None and part.numel():
+                    self.recv[j][o[j] : o[j] + part.numel()].copy_(part.reshape(-1))
+        else:
+            above, below = data
+            _, _, rp, rn = self.flat
+            if above is not None and lay.p2p[2]:
+                rp[o[2] : o[2] + lay.p2p[2]].copy_(above.reshape(-1))
+            if below is not None and lay.p2p[3]:
+                rn[o[3] : o[3] + lay.p2p[3]].copy_(below.reshape(-1))
+
     def launch(self, band: BandGroup, stats: CommStats) -> None:
-        if self.transport == "gather":
-            self.works = [dist.all_gather(self.recv, self.send, group=band.group, async_op=True)]
+        if self.transport == "peers":
+            # Every other band gets this band's payload and sends its own (point-to-point, any sizes).
+            ops = []
+            for j, peer in enumerate(band.ranks):
+                if j == band.index:
+                    continue
+                if self.recv[j].numel():
+                    ops.append(dist.P2POp(dist.irecv, self.recv[j], peer, band.group, self.tag))
+                if self.send.numel():
+                    ops.append(dist.P2POp(dist.isend, self.send, peer, band.group, self.tag))
+            self.works = batch_isend_irecv(ops)
+            size = self.send.element_size()
+            me, n = band.index, band.size
             for lay in self.layers:
-                b = (band.size - 1) * lay.gather_numel * self.send.element_size()
-                stats.add(lay.kind, b, b)
+                stats.add(lay.kind, (n - 1) * lay.peer_numel[me] * size,
+                          (sum(lay.peer_numel) - lay.peer_numel[me]) * size)
         else:
             sp, sn, rp, rn = self.flat
             ops = []
@@ -205,7 +254,7 @@ class _Bucket:
                 ops.append(dist.P2POp(dist.irecv, rn, band.next_rank, band.group, self.tag))
             if sp.numel():
                 ops.append(dist.P2POp(dist.isend, sp, band.prev_rank, band.group, self.tag))
-            self.works = dist.batch_isend_irecv(ops) if ops else []
+            self.works = batch_isend_irecv(ops)
             size = sp.element_size()
             for lay in self.layers:
                 stats.add(lay.kind, (lay.p2p[0] + lay.p2p[1]) * size, (lay.p2p[2] + lay.p2p[3]) * size)
@@ -260,7 +309,10 @@ class _Slot:
             for g in groups:
                 if g:
                     tag = _TAG_BASE + self.index * 4096 + len(buckets)
-                    buckets.append(_Bucket(transport, dtype, g, band, device, tag))
+                    bucket = _Bucket(transport, dtype, g, band, device, tag)
+                    for lay in g:  # bucket by bucket: at most one bucket's worth held twice
+                        bucket.stash(lay)
+                    buckets.append(bucket)
         self.buckets = buckets
 
 
@@ -297,13 +349,11 @@ class StaleCall:
             return lay
         return None
 
-    def _read(self, lay: _Layer) -> Any:
-        if lay.saved is not None:
-            data, lay.saved = lay.saved, None
-            return data
-        assert lay.bucket is not None
+    def _read(self, lay: _Layer) -> None:
+        """Wait until the layer's bucket holds last step's data (the exact call's data was stashed in it
+        when the buckets were built); the caller reads its regions."""
+        assert lay.bucket is not None and lay.saved is None
         lay.bucket.wait(self.engine.stats)
-        return None  # the caller reads its bucket regions
 
     def _written(self, lay: _Layer) -> None:
         b = lay.bucket
@@ -335,14 +385,11 @@ class StaleCall:
                 lay.saved = (above, below)
             return conv_band_rows(x, above, below, weight, bias, geo, band)
         assert lay is not None
-        data = self._read(lay)
-        if data is None:
-            _, _, rp, rn = lay.bucket.flat  # type: ignore[union-attr]
-            o = lay.offsets
-            above = rp[o[2] : o[2] + lay.p2p[2]].view(b, c, top, w) if lay.p2p[2] else None
-            below = rn[o[3] : o[3] + lay.p2p[3]].view(b, c, bottom, w) if lay.p2p[3] else None
-        else:
-            above, below = data
+        self._read(lay)
+        _, _, rp, rn = lay.bucket.flat  # type: ignore[union-attr]
+        o = lay.offsets
+        above = rp[o[2] : o[2] + lay.p2p[2]].view(b, c, top, w) if lay.p2p[2] else None
+        below = rn[o[3] : o[3] + lay.p2p[3]].view(b, c, bottom, w) if lay.p2p[3] else None
         if self.options.debug == "no_halo":
             above = below = None
         y = conv_band_rows(x, above, below, weight, bias, geo, band)
@@ -364,8 +411,8 @@ class StaleCall:
         spec = ("groupnorm", tuple(x.shape), int(num_groups))
 
         def make() -> _Layer:
-            lay = _Layer("groupnorm", spec, "gather", torch.float64, n * 8)
-            lay.gather_numel = n
+            lay = _Layer("groupnorm", spec, "peers", torch.float64, n * 8)
+            lay.peer_numel = [n] * band.size
             return lay
 
         lay = self._layer("groupnorm", spec, make)
@@ -375,19 +422,19 @@ class StaleCall:
                 lay.saved = total - local  # the other bands' sums
             return group_norm_from_sums(x, xg, total, weight, bias, eps)
         assert lay is not None
-        others = self._read(lay)
-        if others is None:
-            o = lay.offsets[0]
-            recv = lay.bucket.recv  # type: ignore[union-attr]
-            others = sum(recv[j][o : o + n] for j in range(band.size) if j != band.index)
+        self._read(lay)
+        o = lay.offsets
+        recv = lay.bucket.recv  # type: ignore[union-attr]
+        others = sum(recv[j][o[j] : o[j] + n] for j in range(band.size) if j != band.index)
         y = group_norm_from_sums(x, xg, others + local, weight, bias, eps, local=local)
-        o = lay.offsets[0]
-        lay.bucket.send[o : o + n].copy_(local)  # type: ignore[union-attr]
+        me = band.index
+        lay.bucket.send[o[me] : o[me] + n].copy_(local)  # type: ignore[union-attr]
         self._written(lay)
         return y
 
     # ---------------------------------------------------------------- self-attention K/V
-    def kv(self, k: torch.Tensor, v: torch.Tensor, width: int, heights: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def kv(self, k: torch.Tensor, v: torch.Tensor, width: int,
+           heights: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values this band's queries attend to. ``heights``: every band's rows at this level."""
         band = self.band
         if k.shape != v.shape or k.dim() != 3:
@@ -409,8 +456,8 @@ class StaleCall:
                 lay.p2p = (0 if first else b * win[me] * dd, 0 if last else b * win[me] * dd,
                            0 if first else b * win[me - 1] * dd, 0 if last else b * win[me + 1] * dd)
             else:
-                lay = _Layer("kv", spec, "gather", k.dtype, b * max(sizes) * dd * k.element_size())
-                lay.gather_numel = b * max(sizes) * dd
+                lay = _Layer("kv", spec, "peers", k.dtype, b * max(sizes) * dd * k.element_size())
+                lay.peer_numel = [b * s * dd for s in sizes]
             return lay
 
         lay = self._layer("kv", spec, make)
@@ -418,47 +465,42 @@ class StaleCall:
         if not self.stale:
             full = band.gather_tokens(own, dim=1, kind="kv", sizes=sizes)
             if lay is not None:
+                # Compact copies of what the next step reads (never views: a view would keep the whole
+                # gathered K/V alive until then, for every layer at once).
                 offs = [sum(sizes[:j]) for j in range(band.size + 1)]
                 if partial:
-                    above = None if band.is_first else full[:, offs[me] - win[me - 1] : offs[me]]
-                    below = None if band.is_last else full[:, offs[me + 1] : offs[me + 1] + win[me + 1]]
+                    above = None if band.is_first else full[:, offs[me] - win[me - 1] : offs[me]].clone()
+                    below = None if band.is_last else full[:, offs[me + 1] : offs[me + 1] + win[me + 1]].clone()
                     lay.saved = (above, below)
                 else:
-                    lay.saved = [None if j == me else full[:, offs[j] : offs[j + 1]] for j in range(band.size)]
+                    lay.saved = [None if j == me else full[:, offs[j] : offs[j + 1]].clone() for j in range(band.size)]
             return full[..., :d], full[..., d:]
         assert lay is not None
-        data = self._read(lay)
+        self._read(lay)
         zero = self.options.debug == "zero_kv"
+        o = lay.offsets
         if partial:
-            if data is None:
-                _, _, rp, rn = lay.bucket.flat  # type: ignore[union-attr]
-                o = lay.offsets
-                above = rp[o[2] : o[2] + lay.p2p[2]].view(b, -1, dd) if lay.p2p[2] else None
-                below = rn[o[3] : o[3] + lay.p2p[3]].view(b, -1, dd) if lay.p2p[3] else None
-            else:
-                above, below = data
+            _, _, rp, rn = lay.bucket.flat  # type: ignore[union-attr]
+            above = rp[o[2] : o[2] + lay.p2p[2]].view(b, -1, dd) if lay.p2p[2] else None
+            below = rn[o[3] : o[3] + lay.p2p[3]].view(b, -1, dd) if lay.p2p[3] else None
             parts = [p for p in (above, own, below) if p is not None and p.shape[1]]
             if zero:
                 parts = [p if p is own else torch.zeros_like(p) for p in parts]
         else:
-            if data is None:
-                o = lay.offsets[0]
-                recv = lay.bucket.recv  # type: ignore[union-attr]
-                data = [None if j == me else recv[j][o : o + b * sizes[j] * dd].view(b, sizes[j], dd)
-                        for j in range(band.size)]
+            recv = lay.bucket.recv  # type: ignore[union-attr]
+            data = [None if j == me else recv[j][o[j] : o[j] + b * sizes[j] * dd].view(b, sizes[j], dd)
+                    for j in range(band.size)]
             parts = [own if j == me else (torch.zeros_like(data[j]) if zero else data[j]) for j in range(band.size)]
         full = torch.cat(parts, dim=1)  # a copy: the bucket may be overwritten from here on
         if partial:
             sp, sn, _, _ = lay.bucket.flat  # type: ignore[union-attr]
-            o = lay.offsets
             w_own = win[me]
             if lay.p2p[0]:
                 sp[o[0] : o[0] + lay.p2p[0]].view(b, w_own, dd).copy_(own[:, :w_own])
             if lay.p2p[1]:
                 sn[o[1] : o[1] + lay.p2p[1]].view(b, w_own, dd).copy_(own[:, n_own - w_own :])
         else:
-            o = lay.offsets[0]
-            lay.bucket.send[o : o + b * n_own * dd].view(b, n_own, dd).copy_(own)  # type: ignore[union-attr]
+            lay.bucket.send[o[me] : o[me] + b * n_own * dd].view(b, n_own, dd).copy_(own)  # type: ignore[union-attr]
         self._written(lay)
         return full[..., :d], full[..., d:]
 

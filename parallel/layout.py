@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["LayoutError", "split_rows", "ParallelPlan"]
+__all__ = ["LayoutError", "split_rows", "ParallelPlan", "band_alignment"]
 
 
 class LayoutError(ValueError):
@@ -136,3 +136,43 @@ class ParallelPlan:
         if not 0 <= band_index < self.bands_per_group:
             raise LayoutError(f"band index {band_index} is outside 0..{self.bands_per_group - 1}")
         return [g * self.bands_per_group + band_index for g in range(self.batch_groups)]
+
+
+def band_alignment(model_or_family) -> int:
+    """The one band rule: every band start is a multiple of the UNet's total downsampling,
+    ``2 ** (len(channel_mult) - 1)`` latent rows (SD1.x/2.x: 8, SDXL: 4).
+
+    The run (``submit.preflight`` splits with it) and the web overlay (``web_routes.layout_for``) both use this
+    function. Accepts a ComfyUI ``ModelPatcher`` (or anything with ``get_model_object``), a UNet (anything with
+    ``channel_mult``), a family name (``"sd15"``, ``"sd1"``, ``"sd2"``, ``"sd21"``, ``"sdxl"``), an int (an
+    alignment already known), or the tensor names of a UNet state dict (``input_blocks.N.0.op.weight`` marks
+    each downsampling; a checkpoint's ``model.diffusion_model.`` prefix is fine). Raises LayoutError when the
+    alignment cannot be told (e.g. a state dict of no UNet).
+    """
+    families = {"sd1": 3, "sd15": 3, "sd1.5": 3, "sd2": 3, "sd21": 3, "sd2.1": 3, "sdxl": 2}  # downsamplings
+    if isinstance(model_or_family, bool):
+        raise LayoutError(f"no band alignment for {model_or_family!r}")
+    if isinstance(model_or_family, int):
+        if model_or_family < 1:
+            raise LayoutError(f"the alignment must be a positive integer, got {model_or_family}")
+        return model_or_family
+    if isinstance(model_or_family, str):
+        key = model_or_family.strip().lower().replace("_", "").replace("-", "")
+        if key not in families:
+            raise LayoutError(f"unknown model family {model_or_family!r}; known: sd15, sd2, sdxl")
+        return 2 ** families[key]
+    unet = model_or_family
+    if hasattr(unet, "get_model_object"):
+        unet = unet.get_model_object("diffusion_model")
+    channel_mult = getattr(unet, "channel_mult", None)
+    if channel_mult is not None:
+        return 2 ** (len(channel_mult) - 1)
+    if isinstance(unet, (list, tuple, set, frozenset)) or hasattr(unet, "keys"):
+        names = list(unet.keys()) if hasattr(unet, "keys") else list(unet)
+        blocks = {n.split("input_blocks.", 1)[1].split(".", 1)[0] for n in names
+                  if isinstance(n, str) and "input_blocks." in n}
+        if blocks:
+            downs = {n.split("input_blocks.", 1)[1].split(".", 1)[0] for n in names
+                     if isinstance(n, str) and "input_blocks." in n and ".op." in n}
+            return 2 ** len(downs)
+    raise LayoutError(f"cannot tell the band alignment of {type(model_or_family).__name__}: not a UNet")

@@ -172,8 +172,15 @@ def run_finished(last_run: dict) -> None:
     publish("done")
 
 
+_REPORTED = "_hires_parallel_reported"  # set on an exception once it reached the panel
+
+
 def run_failed(exc: BaseException) -> None:
     cancelled = any(c.__name__ in CANCELLED for c in type(exc).__mro__)
+    try:
+        setattr(exc, _REPORTED, True)
+    except Exception:  # noqa: BLE001 - an exception type without a __dict__: it may be reported twice
+        pass
     with _lock:
         LIVE.clear()
         if not cancelled:
@@ -185,14 +192,18 @@ def run_failed(exc: BaseException) -> None:
 
 
 def watched(fn: Callable) -> Callable:
-    """Decorator for the run entry point: a run that raises is reported (cancel included), then re-raised."""
+    """Decorator for the run entry point and the nodes' execute: whatever raises is reported (cancel included),
+    then re-raised, so every refusal reaches the panel's last error, including those before a run starts
+    (device checks such as "device_kind is cuda but no CUDA device is visible"). Nested watched calls report
+    an exception once."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except BaseException as exc:
-            run_failed(exc)
+            if not getattr(exc, _REPORTED, False):
+                run_failed(exc)
             raise
 
     return wrapper

@@ -73,6 +73,199 @@ def check_picklable(obj: Any, where: str, advice: str) -> None:
     )
 
 
+# ------------------------------------------------------------------------ importable in a worker
+# Workers import ComfyUI and this pack only, never other node packs; ComfyUI imports a pack (and its own
+# comfy_extras nodes) under a module name made from its file path, which no fresh interpreter can import.
+# An object pickled here by such a name passes pickle.dumps and fails in the worker: refused up front.
+
+_WORKER_ADVICE = "Run with 1 device, or remove the node that adds it."
+
+
+class _NullFile:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+class _GlobalsWalker(pickle.Pickler):
+    """Pickles into nothing, collecting every class and function that the pickle would name (and so
+    the worker would import); tensors are not walked (their classes are noted unless plain)."""
+
+    def __init__(self) -> None:
+        super().__init__(_NullFile(), protocol=pickle.HIGHEST_PROTOCOL)
+        self.found: dict[int, Any] = {}
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            if type(obj) not in (torch.Tensor, torch.nn.Parameter):  # e.g. a quantized tensor class of a pack
+                self.found.setdefault(id(type(obj)), type(obj))
+            return "tensor"
+        return None
+
+    def reducer_override(self, obj: Any) -> Any:
+        if obj is int:  # the stand-in below
+            return NotImplemented
+        if isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType)):
+            self.found.setdefault(id(obj), obj)
+            return int, ()  # noted; never looked up (a lookup could import, or fail on a path-derived name)
+        return NotImplemented
+
+
+def referenced_globals(obj: Any) -> list[Any]:
+    """The classes and functions that pickling ``obj`` refers to by module and name."""
+    walker = _GlobalsWalker()
+    try:
+        walker.dump(obj)
+    except Exception:  # noqa: BLE001 -- what cannot be pickled at all is check_picklable's to report
+        pass
+    return list(walker.found.values())
+
+
+def _find_top_level(name: str) -> Any:
+    """The spec a fresh interpreter with this sys.path would find for top-level module ``name`` (the
+    workers inherit the controller's sys.path), ignoring what is already imported here."""
+    import sys
+
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        if find is None:
+            continue
+        try:
+            spec = find(name, None)
+        except Exception:  # noqa: BLE001 -- a finder that cannot answer is no answer
+            continue
+        if spec is not None:
+            return spec
+    return None
+
+
+def _module_file(module: str) -> str | None:
+    import sys
+
+    mod = sys.modules.get(module) or sys.modules.get(module.partition(".")[0])
+    f = getattr(mod, "__file__", None)
+    return os.path.realpath(f) if f else None
+
+
+def _origin_label(module: str) -> str:
+    """'the node pack "X"' for a module of a custom node folder, else the module's file or name."""
+    f = _module_file(module)
+    parts = os.path.normpath(f).split(os.sep) if f else []
+    if "custom_nodes" in parts[:-1]:
+        i = len(parts) - 1 - parts[::-1].index("custom_nodes")
+        return f'the node pack "{os.path.splitext(parts[i + 1])[0]}"'
+    top = module.partition(".")[0]
+    if not all(p.isidentifier() for p in top.split(".")):  # a path-derived name without a file here
+        tail = top.replace("\\", "/").rstrip("/").split("/")[-1].replace("_x_", ".")
+        return f'"{tail}" (loaded by ComfyUI from {top.replace("_x_", ".")})'
+    return f"module {module}"
+
+
+def _import_problem(module: str, cache: dict[str, str | None]) -> str | None:
+    """Why a worker could not import ``module`` (None when it can)."""
+    if module in cache:
+        return cache[module]
+    import sys
+
+    from .pool import PACKAGE, RUNTIME_PACKAGE, _pack_aliases
+
+    top = module.partition(".")[0]
+    problem: str | None = None
+    if top in (PACKAGE, RUNTIME_PACKAGE) or top in _pack_aliases():
+        problem = None  # this pack: pickled under the name the workers import it by (pool._PackPickler)
+    elif module == "__main__" or top == "__main__":
+        problem = "it was defined in the script that started Python (__main__)"
+    elif not all(p.isidentifier() for p in module.split(".")):
+        problem = "ComfyUI imported its file under a name made from the file's path, which only this process knows"
+    else:
+        spec = _find_top_level(top)
+        if spec is None:
+            problem = f"no module {top!r} can be found on the Python path the workers get"
+        else:
+            loaded, origin = _module_file(top), getattr(spec, "origin", None)
+            if loaded and origin and os.path.exists(origin) and os.path.realpath(origin) != loaded:
+                problem = f"the workers would import a different module {top!r} ({origin})"
+            elif module not in sys.modules and module != top:
+                try:
+                    found = _find_submodule(module)
+                except Exception:  # noqa: BLE001
+                    found = False
+                if not found:
+                    problem = f"module {module!r} is not loaded here and cannot be found"
+    cache[module] = problem
+    return problem
+
+
+def _find_submodule(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _first_unimportable(obj: Any, cache: dict[str, str | None]) -> tuple[Any, str, str] | None:
+    for g in referenced_globals(obj):
+        module = getattr(g, "__module__", None)
+        if not isinstance(module, str):
+            continue  # pickle finds such a function by searching the loaded modules (builtins)
+        problem = _import_problem(module, cache)
+        if problem:
+            return g, module, problem
+    return None
+
+
+def check_worker_importable(obj: Any, where: str, advice: str = _WORKER_ADVICE,
+                            _cache: dict[str, str | None] | None = None) -> None:
+    """Raise UnshippablePatch naming `where` (the innermost entry), the class or function and its node pack
+    when pickling ``obj`` refers to a module a worker cannot import."""
+    cache = {} if _cache is None else _cache
+    bad = _first_unimportable(obj, cache)
+    if bad is None:
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            check_worker_importable(v, f"{where}[{k!r}]", advice, cache)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_worker_importable(v, f"{where}[{i}]", advice, cache)
+    g, module, problem = bad
+    kind = "class" if isinstance(g, type) else "function"
+    name = getattr(g, "__qualname__", None) or getattr(g, "__name__", "?")
+    raise UnshippablePatch(
+        f"{where} holds the {kind} {name} of {_origin_label(module)}, which the worker processes cannot import "
+        f"({problem}). Workers load only ComfyUI and HiRes Parallel, never other node packs. {advice}"
+    )
+
+
+def check_model_importable(model: Any, advice: str = _WORKER_ADVICE) -> None:
+    """check_worker_importable for everything make_payload ships of ``model`` (a ModelPatcher)."""
+    cache: dict[str, str | None] = {}
+    object_patches = {k: _ship_object_patch(k, v) for k, v in model.object_patches.items()}
+    check_worker_importable(model.patches, "a weight patch (LoRA) of the model", advice, cache)
+    check_worker_importable(model.model_options, "model_options", advice, cache)
+    check_worker_importable(object_patches, "an object patch of the model", advice, cache)
+    check_worker_importable({"class": type(model.model), "model_config": model.model.model_config}, "the model",
+                            "Load the model with ComfyUI's own loaders, or run with 1 device.", cache)
+
+
+def control_layer_classes(positive: list | None, negative: list | None) -> dict[str, type]:
+    """The module classes of every ControlNet model in the conds (chains included), by name: their
+    skeleton is pickled with these classes."""
+    seen: set[int] = set()
+    out: dict[str, type] = {}
+
+    def visit(cn: Any) -> Any:
+        while cn is not None and id(cn) not in seen:
+            seen.add(id(cn))
+            module = getattr(cn, "control_model", None)
+            if isinstance(module, torch.nn.Module):
+                out.update((f"{t.__module__}.{t.__qualname__}", t) for t in {type(m) for m in module.modules()})
+            cn = getattr(cn, "previous_controlnet", None)
+        return cn
+
+    _map_controls(positive, visit)
+    _map_controls(negative, visit)
+    return out
+
+
 # ------------------------------------------------------------------------- model_sampling object patch
 
 
@@ -115,18 +308,33 @@ def base_state_dict(model) -> dict[str, torch.Tensor]:
     return sd
 
 
+_TOKEN = "_hires_parallel_identity"  # set on a BaseModel the first time it is shipped
+
+
+def model_identity(module: Any) -> str:
+    """A token attached to the model object itself: it lives and dies with the object, so a model loaded
+    later at the same address (which ``id`` would confuse with the freed one) gets a new token."""
+    owner, token = module.__dict__.get(_TOKEN, (None, None))
+    if owner != id(module):  # never shipped, or a copy (deepcopy / pickle) that carried its original's token
+        owner, token = id(module), uuid.uuid4().hex
+        module.__dict__[_TOKEN] = (owner, token)  # plain attribute, not a parameter or buffer: not in the state dict
+    return token
+
+
 def base_key(model) -> str:
-    """Identity of the base weights: the BaseModel object plus a cheap content sample, unpatched."""
+    """Identity of the base weights: the BaseModel's own token plus a cheap content sample, unpatched
+    (the sample catches weights changed in place on the same object)."""
     return _weights_key(model.model, base_state_dict(model))
 
 
 def _weights_key(module: Any, sd: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha1(f"{type(module).__qualname__}:{id(module)}:{len(sd)}".encode())
+    h = hashlib.sha1(f"{type(module).__qualname__}:{model_identity(module)}:{len(sd)}".encode())
     keys = sorted(sd)
     for k in keys[:: max(1, len(keys) // 8)]:
         t = sd[k]
         h.update(k.encode())
         h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
         h.update(t.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -202,6 +410,7 @@ def make_payload(model, store: WeightStore) -> ModelPayload:
     check_picklable(model.model_options, "model_options", _ADVICE)
     check_picklable(object_patches, "an object patch of the model", _ADVICE)
     check_picklable(model.model.model_config, "the model's config", "This model family cannot be shipped.")
+    check_model_importable(model, _ADVICE)  # pickles here, yet a worker could not import it (other node packs)
     payload = ModelPayload(
         base_key=key,
         weights_file=store.file_for(model, key),

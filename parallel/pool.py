@@ -52,6 +52,7 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 from multiprocessing.connection import wait as wait_connections
 from typing import Any, Callable
 
+from . import host_args
 from .protocol import (
     Job,
     JobCancelled,
@@ -155,6 +156,20 @@ def _launcher(tmpdir: str) -> tuple[list[str], dict[str, str], str]:
             pass  # e.g. Windows without the symlink privilege
     env["PYTHONPATH"] = os.pathsep.join(paths)
     return [sys.executable, *flags, "-c", _BOOTSTRAP], env, "bootstrap"
+
+
+def comfy_gpu() -> str | None:
+    """The GPU ComfyUI's own models use in this process ('cuda:N'), or None (CPU, or ComfyUI not loaded)."""
+    mm = sys.modules.get("comfy.model_management")
+    if mm is None:
+        return None
+    try:
+        dev = mm.get_torch_device()
+    except Exception:  # noqa: BLE001 - no device to speak of
+        return None
+    if getattr(dev, "type", None) != "cuda":
+        return None
+    return f"cuda:{dev.index if dev.index is not None else 0}"
 
 
 def _comfyui_root() -> str | None:
@@ -365,6 +380,7 @@ class WorkerPool:
         self.cancel_timeout_s = float(cancel_timeout_s)
         self.failure_grace_s = float(failure_grace_s)
         self.echo_stderr = echo_stderr
+        self.comfy_args = host_args.capture()  # the workers run with the controller's ComfyUI settings
         self._lock = threading.RLock()  # serializes start / run / teardown
         self._stop = threading.Event()  # shutdown() from another thread asks a running job to stop
         self._ranks: list[_Rank] = []
@@ -436,6 +452,9 @@ class WorkerPool:
         root = _comfyui_root()
         if root:
             env["COMFYUI_PATH"] = root  # the same ComfyUI the controller runs
+        env[host_args.ENV] = host_args.encode(self.comfy_args)  # ... with the same settings
+        if self.devices[rank] == comfy_gpu():  # shares ComfyUI's GPU: hand it back after each job
+            env["HIRES_PARALLEL_OFFLOAD_AFTER_JOB"] = "1"
         return env  # CUDA_VISIBLE_DEVICES / OMP_NUM_THREADS are set by the worker from its device
 
     def _spawn_and_join(self) -> None:
@@ -774,7 +793,9 @@ def get_pool(devices: list[str], threads_per_worker: int | None = None, **option
     (the old one is shut down first, stopping a job it runs, since two groups would compete for
     the same devices). Options are WorkerPool's keyword arguments."""
     global _pool, _pool_key
-    key = (tuple(_normalize_devices(list(devices))), threads_per_worker, tuple(sorted(options.items())))
+    # A change of ComfyUI settings needs new workers: they apply them when they import ComfyUI.
+    key = (tuple(_normalize_devices(list(devices))), threads_per_worker, tuple(sorted(options.items())),
+           host_args.fingerprint(host_args.capture()))
     with _registry_lock:
         if _pool is not None and _pool_key == key:
             return _pool

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from .payload import ModelPayload, UnshippablePatch, build_model, check_picklable, rebuild_conditioning
+from .payload import (ModelPayload, UnshippablePatch, build_model, check_picklable, check_worker_importable,
+                      rebuild_conditioning)
 from .protocol import Job, JobCancelled, WorkerContext
 
 
@@ -39,6 +40,8 @@ def sampler_spec(sampler) -> SamplerSpec:
         check_picklable(getattr(sampler, "__dict__", sampler), "the SAMPLER input",
                         "Use a sampler from KSamplerSelect, or run with 1 device.")
         raise UnshippablePatch("The SAMPLER input cannot be sent to worker processes: use KSamplerSelect or 1 device.")
+    # pickles here, but a sampler of another node pack would not import in a worker
+    check_worker_importable(sampler, "the SAMPLER input", "Use a sampler from KSamplerSelect, or run with 1 device.")
     return SamplerSpec(obj=sampler)
 
 

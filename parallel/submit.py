@@ -7,6 +7,8 @@ pool, feeding ComfyUI's progress bar / previews and turning a Cancel into ComfyU
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -17,7 +19,9 @@ import torch
 from . import monitor  # the web panel's live view (web_routes.py); reporting only
 from .displaced import GROUPNORM_POLICIES, STALE_MODES
 from .layout import LayoutError, ParallelPlan, split_rows
-from .payload import WeightStore, check_picklable, make_payload, ship_conditioning
+from .memory_plan import check_preflight_memory
+from .payload import (WeightStore, check_model_importable, check_picklable, check_worker_importable,
+                      control_layer_classes, make_payload, ship_conditioning)
 from .protocol import JobCancelled, JobFailed, WorkerContext
 from .sampling_job import ParallelSpec, SamplerSpec, SamplingJob
 
@@ -27,6 +31,8 @@ DEVICE_KINDS = ["auto", "cuda", "cpu"]
 CFG_PARALLEL = ["auto", "on", "off"]
 MODES = ["exact", "displaced", "partial", "batch"]
 JOB_TIMEOUT_S = 900.0  # no word from rank 0 for this long: the job is declared hung
+MAX_CPU_RANKS_ENV = "HIRES_PARALLEL_MAX_CPU_RANKS"  # override of the CPU rank cap (max_cpu_ranks)
+MIN_CPU_RANK_CAP = 4  # CPU ranks always allowed (2 bands x CFG parallel), whatever the core count
 
 _store_lock = threading.Lock()
 _store: WeightStore | None = None
@@ -80,13 +86,53 @@ def resolve_devices(devices: int, kind: str) -> list[str]:
             log.warning("HiRes Parallel: %d devices asked for, %d visible; running on %d.", n, cuda_n, cuda_n)
             n = cuda_n
         return [f"cuda:{i}" for i in range(n)]
-    return ["cpu"] * max(1, devices)
+    n = max(1, devices)
+    cap = max_cpu_ranks()
+    if n > cap:
+        raise ParallelInputError(
+            f"device_kind cpu starts one worker process per device; {n} were asked for, but this machine allows at "
+            f"most {cap} ({os.cpu_count() or 1} CPU cores; the cap is max({MIN_CPU_RANK_CAP}, cores)). Use at most "
+            f"{cap} devices, or set the environment variable {MAX_CPU_RANKS_ENV} to a larger number before starting "
+            f"ComfyUI if you really want more.")
+    return ["cpu"] * n
 
 
-def resolve_cfg_parallel(setting: str, world: int, has_negative: bool) -> bool:
+def max_cpu_ranks() -> int:
+    """How many CPU worker processes a run may start: max(4, CPU cores), or the override in the environment."""
+    text = os.environ.get(MAX_CPU_RANKS_ENV, "").strip()
+    if text:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ParallelInputError(f"the environment variable {MAX_CPU_RANKS_ENV} must be a whole number of at "
+                                     f"least 1; got {text!r}.")
+        return value
+    return max(MIN_CPU_RANK_CAP, os.cpu_count() or 1)
+
+
+def uncond_runs(cfg: float | None, model_options: dict | None = None) -> bool:
+    """Whether ComfyUI evaluates the negative prompt at this cfg (comfy.samplers.sampling_function): at cfg 1
+    it skips the uncond pass unless model_options say disable_cfg1_optimization. None (cfg unknown) = True."""
+    if cfg is None:
+        return True
+    return not (math.isclose(float(cfg), 1.0) and not (model_options or {}).get("disable_cfg1_optimization", False))
+
+
+def resolve_cfg_parallel(setting: str, world: int, has_negative: bool, cfg: float | None = None,
+                         model_options: dict | None = None) -> bool:
+    """Whether cond and uncond go to two halves of the devices. With cfg known (``cfg``), cfg 1 has no
+    negative pass (see uncond_runs): auto then splits bands over all devices, and on is refused."""
     if setting not in CFG_PARALLEL:
         raise ParallelInputError(f"cfg_parallel must be one of {CFG_PARALLEL}; got {setting!r}.")
     if setting == "off" or world < 2 or not has_negative:
+        return False
+    if not uncond_runs(cfg, model_options):
+        if setting == "on":
+            raise ParallelInputError(f"cfg_parallel is on, but cfg {cfg:g} has no negative pass (ComfyUI skips the "
+                                     f"negative prompt at cfg 1), so half of the devices would have nothing to do: "
+                                     f"use auto or off.")
         return False
     if setting == "auto":
         return world % 2 == 0
@@ -125,14 +171,19 @@ def band_weights(text: str, plan: ParallelPlan) -> list[float] | None:
         per_device = [float(t) for t in text.replace(";", ",").split(",") if t.strip()]
     except ValueError:
         raise ParallelInputError(f"device_weights must be numbers separated by commas, like 2,1; got {text!r}.") from None
-    if len(per_device) != plan.world_size or any(w <= 0 for w in per_device):
-        raise ParallelInputError(f"device_weights needs one positive number per device ({plan.world_size}); got {text!r}.")
+    # not (w > 0) also refuses nan; a sum that overflows (1e308,1e308) would turn the band shares into nan
+    if (len(per_device) != plan.world_size or any(not (w > 0) or not math.isfinite(w) for w in per_device)
+            or not math.isfinite(sum(per_device))):
+        raise ParallelInputError(f"device_weights needs one positive number per device ({plan.world_size}), finite "
+                                 f"and of ordinary size, like 2,1; got {text!r}.")
     return [min(per_device[r] for r in plan.peer_ranks(b)) for b in range(plan.bands_per_group)]
 
 
 def preflight(model, positive, negative, latent_image: torch.Tensor, devices: list[str], cfg_parallel: str,
-              mode: str, device_weights: str = "", options: ModeOptions | None = None) -> ParallelSpec:
-    """Every check that needs no heavy work; raises ParallelInputError/UnsupportedModel/UnshippablePatch."""
+              mode: str, device_weights: str = "", options: ModeOptions | None = None,
+              cfg: float | None = None) -> ParallelSpec:
+    """Every check that needs no heavy work; raises ParallelInputError/UnsupportedModel/UnshippablePatch.
+    ``cfg`` (None = unknown) decides whether there is a negative pass to run beside the positive one."""
     world = len(devices)
     if mode not in MODES:
         raise ParallelInputError(f"mode must be one of {MODES}; got {mode!r}.")
@@ -140,7 +191,9 @@ def preflight(model, positive, negative, latent_image: torch.Tensor, devices: li
     check_mode_options(options)
     batch_mode = mode == "batch"  # the batch of every UNet call is cut over the devices; no bands
     late = options.partial_fraction_late
-    spec = ParallelSpec(world, False if batch_mode else resolve_cfg_parallel(cfg_parallel, world, negative is not None),
+    cfg_split = False if batch_mode else resolve_cfg_parallel(cfg_parallel, world, negative is not None, cfg,
+                                                              getattr(model, "model_options", None))
+    spec = ParallelSpec(world, cfg_split,
                         mode, warmup=int(options.warmup), partial_fraction=float(options.partial_fraction),
                         partial_fraction_late=None if late < 0 else float(late), groupnorm=options.groupnorm)
     if world == 1:
@@ -161,10 +214,17 @@ def preflight(model, positive, negative, latent_image: torch.Tensor, devices: li
     if mode in STALE_MODES and plan.bands_per_group == 1:
         log.info("HiRes Parallel: mode %s has no bands to exchange with %d devices and CFG parallel on; "
                  "it runs like exact.", mode, world)
+    check_preflight_memory(model, latent_image, devices, spec, plan, negative is not None)  # can it fit?
     advice = "Remove the node that adds it, or run with 1 device."
+    control_layers = control_layer_classes(positive, negative)  # the layers a ControlNet's skeleton pickles
     positive, negative = ship_conditioning(positive, negative, None)  # ControlNets: checked, nothing written
     check_picklable(positive, "the positive conditioning", advice)
     check_picklable(negative, "the negative conditioning", advice)
+    # what pickles here may still not import in a worker (classes of other node packs): refuse it now
+    check_model_importable(model)
+    check_worker_importable(positive, "the positive conditioning", advice)
+    check_worker_importable(negative, "the negative conditioning", advice)
+    check_worker_importable(control_layers, "the layers of a ControlNet's model", advice)
     return spec
 
 
@@ -177,7 +237,8 @@ def run_sampling(model, positive, negative, cfg: float, noise: torch.Tensor, lat
     """Sample like ComfyUI's CFGGuider.sample, with the model evaluation split over `devices`."""
     import comfy.model_management
 
-    spec = preflight(model, positive, negative, latent_image, devices, cfg_parallel, mode, device_weights, options)
+    spec = preflight(model, positive, negative, latent_image, devices, cfg_parallel, mode, device_weights, options,
+                     cfg=cfg)
     monitor.run_started(devices, spec, int(sigmas.shape[-1]) - 1)
     interrupted = threading.Event()
 

@@ -209,12 +209,76 @@ def _foreign_patch_names(transformer_options: Mapping[str, Any]) -> list[str]:
     return names
 
 
+# Methods a layer class may define without changing what the band layer computes in its place.
+_HARMLESS_LAYER_METHODS = frozenset({"__init__", "reset_parameters", "extra_repr", "__repr__", "__str__",
+                                     "__getstate__", "__setstate__", "__init_subclass__"})
+
+
+def _layer_owner(cls: type) -> str:
+    """'the node pack "X"' for a class of a custom node folder, else its module."""
+    import os
+    import sys
+
+    module = getattr(cls, "__module__", "") or ""
+    f = getattr(sys.modules.get(module), "__file__", None) or ""
+    parts = os.path.normpath(f).split(os.sep) if f else []
+    if "custom_nodes" in parts[:-1]:
+        i = len(parts) - 1 - parts[::-1].index("custom_nodes")
+        return f'the node pack "{os.path.splitext(parts[i + 1])[0]}" (module {module})'
+    return f"module {module}"
+
+
+def _foreign_layer(m: torch.nn.Module) -> str | None:
+    """Why the band layers would bypass or mishandle layer ``m`` (None when they handle it).
+
+    A swapped layer (see _needs_band_module) keeps its weights but runs the band forward, which does what
+    torch's and comfy.ops' own Conv2d / GroupNorm do: any class of another origin in its ancestry that
+    defines forward code (GGUF's dequantizing layers, a subclass with its own forward) would be skipped.
+    A convolution over rows that is no Conv2d (its own F.conv2d, a transposed conv) would see one band
+    without halos.
+    """
+    cls = getattr(type(m), "_hp_base", type(m))  # a band twin: judge the original class
+    if _needs_band_module(m):
+        for klass in cls.__mro__:
+            module = getattr(klass, "__module__", "") or ""
+            if klass is object or module.startswith("torch.") or module == "comfy.ops" or module == __name__:
+                continue
+            own = sorted(k for k, v in vars(klass).items()
+                         if k not in _HARMLESS_LAYER_METHODS and (callable(v) or isinstance(v, (staticmethod,
+                                                                                               classmethod, property))))
+            if own:
+                return (f"its class {cls.__qualname__} of {_layer_owner(cls)} has its own "
+                        f"{', '.join(own[:3])} (in {klass.__qualname__}), which the band layer would bypass")
+        for pname in ("weight", "bias"):
+            t = m.__dict__.get("_parameters", {}).get(pname)
+            if t is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
+                return (f"its {pname} is stored as {type(t).__qualname__} of {_layer_owner(type(t))} (a quantized "
+                        f"or custom format), which the band layer cannot read")
+        return None
+    if isinstance(m, torch.nn.Conv2d):
+        return None  # a pointwise conv: each band computes its own rows
+    if isinstance(m, torch.nn.modules.conv._ConvNd):
+        k = m.kernel_size[0] if len(m.kernel_size) else 1
+        if k > 1 or (m.stride[0] if len(m.stride) else 1) > 1:
+            return f"it is a {type(m).__qualname__} (only Conv2d layers are split into row bands)"
+        return None
+    for pname, t in m.named_parameters(recurse=False):
+        if t.dim() == 4 and t.shape[-2] > 1:
+            return (f"its class {type(m).__qualname__} of {_layer_owner(type(m))} holds a {tuple(t.shape[-2:])} "
+                    f"convolution weight ({pname}) but is no Conv2d, so it would see one band without halos")
+    if "groupnorm" in type(m).__name__.lower() and not isinstance(m, torch.nn.GroupNorm):
+        return (f"its class {type(m).__qualname__} of {_layer_owner(type(m))} normalizes over the whole image but is "
+                f"no torch GroupNorm, so each band would use its own statistics")
+    return None
+
+
 def check_band_parallel_support(model: Any) -> None:
     """Raise UnsupportedModel when ``model`` (a ModelPatcher) cannot be sampled patch-parallel.
 
     Supported: ComfyUI's openaimodel UNet (SD1.x, SD2.x, SDXL families) with weight patches (LoRA),
-    attn2 (cross-attention) patches and wrappers. Not supported: DiT families, video UNets, patches
-    that see whole feature maps (``UNSPLITTABLE_PATCHES``, attn1 replace patches), wrap-around padding.
+    attn2 (cross-attention) patches and wrappers, built from torch / comfy.ops layers (fp8 casting too).
+    Not supported: DiT families, video UNets, patches that see whole feature maps (``UNSPLITTABLE_PATCHES``,
+    attn1 replace patches), wrap-around padding, layers of other classes (GGUF, custom ops; see _foreign_layer).
     """
     unet_cls, _, _, video_kinds = _unet_classes()
     dm = _diffusion_model(model)
@@ -242,6 +306,12 @@ def check_band_parallel_support(model: Any) -> None:
             raise UnsupportedModel(
                 f"convolution diffusion_model.{name} pads with padding_mode={m.padding_mode!r} (e.g. a seamless-tiling "
                 f"patch), which cannot be split into row bands; remove it or use 1 device"
+            )
+        problem = _foreign_layer(m)
+        if problem:
+            raise UnsupportedModel(
+                f"layer diffusion_model.{name} cannot be split into row bands: {problem}. Load the model with "
+                f"ComfyUI's own loaders (a GGUF or other quantized loader is not supported yet), or use 1 device"
             )
 
 

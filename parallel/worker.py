@@ -73,11 +73,58 @@ def set_rank_environment(device: str, threads: int) -> str:
         os.environ["OMP_NUM_THREADS"] = str(threads)
         os.environ["MKL_NUM_THREADS"] = str(threads)
     if sys.platform.startswith("linux"):
-        # gloo resolves the hostname to pick an interface; that can be unroutable. Stay on loopback.
+        # gloo resolves the hostname to pick an interface; that can be unroutable. Stay on loopback,
+        # and so does NCCL's bootstrap (one machine: nothing needs another interface).
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     elif sys.platform == "darwin":
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo0")
     return local
+
+
+def choose_backend(device_type: str) -> str:
+    """nccl for GPUs where this torch has it; gloo otherwise (CPU ranks, Windows, ROCm builds without
+    NCCL). gloo cannot move CUDA tensors, so a GPU rank on gloo stages exchanges through host memory."""
+    import torch.distributed as dist
+
+    return "nccl" if device_type == "cuda" and dist.is_nccl_available() else "gloo"
+
+
+def loopback_store(rank: int, world_size: int, port: int, timeout: Any) -> Any:
+    """The rendezvous store, listening on 127.0.0.1 only.
+
+    torch's own tcp:// rendezvous makes rank 0 listen on every interface ([::]:port) even when the
+    address names 127.0.0.1, so another machine on the network could talk to the store of a warm pool.
+    Rank 0 binds the socket itself and hands it to the store (master_listen_fd, libuv backend).
+    """
+    import socket
+
+    import torch.distributed as dist
+
+    if rank != 0:
+        return dist.TCPStore("127.0.0.1", port, world_size, False, timeout)
+    if sys.platform == "win32":  # no listen-fd hand-over there; the store listens where torch puts it
+        return dist.TCPStore("127.0.0.1", port, world_size, True, timeout, wait_for_workers=False)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(max(128, world_size))
+    store = dist.TCPStore("127.0.0.1", port, world_size, True, timeout, wait_for_workers=False,
+                          master_listen_fd=sock.detach(), use_libuv=True)
+    return store
+
+
+def release_device_memory(device: Any) -> None:
+    """After a job: give the allocator's cached GPU blocks back, so ComfyUI's own next model (the VAE
+    decode, a plain KSampler) finds the memory free. The rank that shares ComfyUI's GPU also moves its
+    model off the GPU (HIRES_PARALLEL_OFFLOAD_AFTER_JOB=1, set by the pool for that rank)."""
+    if getattr(device, "type", "cpu") != "cuda" or "comfy.model_management" not in sys.modules:
+        return
+    import comfy.model_management as mm
+
+    if os.environ.get(ENV + "OFFLOAD_AFTER_JOB") == "1":
+        mm.unload_all_models()
+    mm.soft_empty_cache(True)
 
 
 class _Control:
@@ -118,13 +165,23 @@ class _Control:
 
 
 def _prepare_comfy(device: Any) -> None:
-    """Put the controller's ComfyUI on sys.path with this rank's device choice before a job is unpickled
-    (jobs carry ComfyUI objects, and comfy.model_management picks its device when first imported)."""
-    if "comfy.model_management" in sys.modules or not os.environ.get("COMFYUI_PATH"):
+    """Put the controller's ComfyUI on sys.path, with the controller's settings (host_args) and this rank's
+    device choice, before a job is unpickled (jobs carry ComfyUI objects, and comfy.model_management picks
+    devices, dtypes and the attention function when first imported)."""
+    root = os.environ.get("COMFYUI_PATH")
+    if "comfy.model_management" in sys.modules or not root:
         return
     from ..comfy_host import ensure_comfy
+    from .host_args import ENV as ARGS_ENV
+    from .host_args import apply, decode
 
-    ensure_comfy(cpu=getattr(device, "type", str(device)) == "cpu")
+    if root not in sys.path:
+        sys.path.insert(0, root)  # the controller's ComfyUI, whichever checkout this pack sits in
+    device_type = getattr(device, "type", str(device))
+    changed = apply(decode(os.environ.get(ARGS_ENV, "")), device_type)
+    if changed:
+        sys.stderr.write(f"ComfyUI settings from the controller: {', '.join(changed)}\n")
+    ensure_comfy(cpu=device_type == "cpu")
 
 
 def _run_one(control: _Control, msg: tuple, rank: int, world: int, device: Any, backend: str,
@@ -186,15 +243,15 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(local_device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+        backend = choose_backend(device.type)
         t0 = time.perf_counter()
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://127.0.0.1:{args.port}",
-            rank=args.rank,
-            world_size=args.world_size,
-            timeout=datetime.timedelta(seconds=args.collective_timeout),
-        )
+        timeout = datetime.timedelta(seconds=args.collective_timeout)
+        dist.init_process_group(backend, store=loopback_store(args.rank, args.world_size, args.port, timeout),
+                                rank=args.rank, world_size=args.world_size, timeout=timeout)
+        if device.type == "cuda" and backend != "nccl":
+            from .comm import set_host_staging
+
+            set_host_staging(True)  # gloo moves host tensors only: exchanges go through host memory
         info = {
             "pid": os.getpid(),
             "backend": backend,
@@ -202,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "init_seconds": time.perf_counter() - t0,
+            "host_staging": device.type == "cuda" and backend != "nccl",
         }
     except BaseException as exc:  # noqa: BLE001
         control.send(("start_error", args.rank, error_info(exc, args.rank)["traceback"]))
@@ -214,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         if msg is None:
             break
         _run_one(control, msg, args.rank, args.world_size, device, backend, cache)
+        release_device_memory(device)
     try:
         dist.destroy_process_group()
     finally:

@@ -12,10 +12,11 @@ import pickle
 import pytest
 import torch
 
+from support.float_noise import cfg_noise_tolerance
 from support.tiny_models import build_sd15, build_sdxl, make_conds
 
 NATIVE = 64  # pixels -> 8x8 latent
-REL_TOL = 1e-5
+CFG = 5.0
 ASYNC_PSNR_FLOOR_DB = 20.0
 
 
@@ -220,31 +221,28 @@ def _psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
 def test_parallel_batch_mode_equals_one_device_and_async_is_close(sd15, one_thread):
     from hires_parallel.parallel import submit
 
+    # Tolerances from the measured float noise of each one-device path (support/float_noise.py), not a constant.
     conds = make_conds(sd15, seed=1)
     sync = _patch(sd15, view_batch=8)  # 4 views x (cond, uncond): one call per step, 4 samples per rank
-    one = _sample(sync, conds, 16, 16)
-    two = _parallel(sync, conds, 16, 16)
-    err, scale = (two - one).abs().max().item(), one.abs().max().item()
-    print(f"\n[asg] batch mode 2 ranks vs 1 device, synchronous: max abs {err:.3g} (max|ref| {scale:.3g}, "
-          f"relative {err / scale:.2g})")
-    assert err <= REL_TOL * scale
+    one, tol = cfg_noise_tolerance("asg sync", lambda cfg: _sample(sync, conds, 16, 16, cfg=cfg), CFG)
+    two = _parallel(sync, conds, 16, 16, cfg=CFG)
+    tol.check("batch mode 2 ranks vs 1 device, synchronous", two, one)
     sent = submit.LAST_RUN["ranks"][0]["comm"]["bytes_sent"]
     assert sent.get("batch", 0) > 0 and sent.get("asg_mask", 0) > 0  # views split, maps summed over ranks
-    bands = _parallel(sync, conds, 16, 16, mode="exact")  # row bands of every view: maps gathered by rows
-    err = (bands - one).abs().max().item()
-    print(f"[asg] exact mode (row bands) 2 ranks vs 1 device: relative {err / scale:.2g}")
-    assert err <= REL_TOL * scale
+    bands = _parallel(sync, conds, 16, 16, cfg=CFG, mode="exact")  # row bands of every view: maps gathered by rows
+    tol.check("exact mode (row bands) 2 ranks vs 1 device", bands, one)
+    # The check still sees a small real change: the guidance scale 0.1% off is no float noise.
+    tol.assert_exceeds("1 device at cfg x 1.001", _sample(sync, conds, 16, 16, cfg=CFG * 1.001), one)
 
     stale = _patch(sd15, view_batch=8, asynchronous=True)
-    two_async = _parallel(stale, conds, 16, 16)
-    one_async = _sample(stale, conds, 16, 16)
+    two_async = _parallel(stale, conds, 16, 16, cfg=CFG)
+    one_async, tol_async = cfg_noise_tolerance("asg async", lambda cfg: _sample(stale, conds, 16, 16, cfg=cfg), CFG)
     psnr = _psnr(two_async, one)
     print(f"[asg] asynchronous (one-step-stale key view and mask), 2 ranks vs synchronous: PSNR {psnr:.1f} dB "
-          f"(latent space, peak max|ref|); async 2 ranks vs async 1 device: max abs "
-          f"{(two_async - one_async).abs().max().item():.3g}")
-    assert not torch.equal(two_async, two)  # the stale guidance really changed the run
+          f"(latent space, peak max|ref|)")
+    tol.assert_exceeds("asynchronous 2 ranks vs synchronous 1 device", two_async, one)  # stale guidance changed it
     assert psnr >= ASYNC_PSNR_FLOOR_DB
-    assert (two_async - one_async).abs().max().item() <= REL_TOL * one_async.abs().max().item()
+    tol_async.check("asynchronous 2 ranks vs asynchronous 1 device", two_async, one_async)
 
 
 def test_clear_errors(sd15):

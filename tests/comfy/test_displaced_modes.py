@@ -195,7 +195,10 @@ def expected_step_bytes(shapes: list[tuple], bands: list[tuple[int, int]], rank:
             win = [window_rows(fraction, x) * wl for x in hs]
             out["kv"][0] += b * 2 * d * f4 * win[rank] * ((not first) + (not last))
             out["kv"][1] += b * 2 * d * f4 * ((0 if first else win[rank - 1]) + (0 if last else win[rank + 1]))
-        else:
+        elif stale:  # displaced: own K/V to every other band, theirs from each (point-to-point, no padding)
+            out["kv"][0] += (n - 1) * b * hs[rank] * wl * 2 * d * f4
+            out["kv"][1] += (sum(hs) - hs[rank]) * b * wl * 2 * d * f4
+        else:  # exact: padded all_gather
             both = (n - 1) * b * max(hs) * wl * 2 * d * f4
             out["kv"][0] += both
             out["kv"][1] += both
@@ -235,7 +238,7 @@ def test_partial_kv_bytes_below_displaced_by_the_window_ratio(runs) -> None:
         for rank in range(world):
             disp, part = (runs[world][n][rank]["steps"][-1]["sent"]["kv"] for n in pair)
             bands = runs[world][pair[1]][rank]["bands"]
-            # Per layer the ratio is (window rows sent to each neighbour) / ((N - 1) x the tallest band);
+            # Per layer the ratio is (window rows sent to each neighbour) / ((N - 1) x this band's rows);
             # attention levels differ, so the expected ratio is taken from the levels' own band heights.
             shapes = shapes_of(_run(world, pair[1]))
             num = den = 0
@@ -244,9 +247,52 @@ def test_partial_kv_bytes_below_displaced_by_the_window_ratio(runs) -> None:
                 hs, wl = _band_heights(bands, f), -(-c["w"] // f)
                 neighbours = (rank > 0) + (rank < world - 1)
                 num += window_rows(0.3, hs[rank]) * wl * neighbours * b * d
-                den += (world - 1) * max(hs) * wl * b * d
+                den += (world - 1) * hs[rank] * wl * b * d
             ratio = part / disp
             print(f"  N={world} {pair[1]:14s} rank {rank}: K/V bytes per stale step {part} vs {disp}: "
                   f"ratio {ratio:.3f} (expected {num / den:.3f})")
             assert math.isclose(ratio, num / den, rel_tol=1e-12)
             assert ratio < 0.5
+
+
+# ---------------------------------------------------------------------------------------- memory plan
+def test_memory_plan_walks_the_real_unets() -> None:
+    """parallel/memory_plan.unet_layout lists the same self-attention layers and levels as the band hooks
+    (unet_parallel._unet_levels), with the K/V channels of each."""
+    from hires_parallel.parallel import memory_plan as mp
+    from hires_parallel.parallel.unet_parallel import _unet_levels
+
+    for base in (dc.SD15_8, dc.SDXL_46):
+        unet = uc.build_model(base).model.diffusion_model
+        n_down, keys = _unet_levels(unet)
+        lay = mp.unet_layout(unet)
+        assert lay.levels == n_down and [f for f, _ in lay.attn] == list(keys.values()), (base["name"], lay.attn, keys)
+        chans = [tb.attn1.to_k.out_features for m in unet.modules() if hasattr(m, "transformer_blocks")
+                 for tb in m.transformer_blocks if not tb.disable_self_attn]
+        assert [c for _, c in lay.attn] == chans
+        assert lay.skips[0] == (1, unet.model_channels) and len(lay.skips) == len(unet.input_blocks)
+
+
+def test_preflight_refuses_a_plan_that_cannot_fit_before_any_work(monkeypatch) -> None:
+    """CUDA devices with too little free memory (torch.cuda.mem_get_info faked): run_sampling stops in
+    preflight with the estimate, the free memory and what to change; nothing is shipped or started."""
+    from hires_parallel.parallel import submit
+    from support import tiny_models as tm
+
+    model = uc.build_model(dc.SD15_8)
+    positive, negative = tm.make_conds(model, 3)
+    latent = torch.zeros(1, 4, 40, 40)
+    started: list[str] = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (1024 ** 2, 24 * 1024 ** 3))
+    monkeypatch.setattr(submit, "make_payload", lambda *a, **k: started.append("payload"))
+    monkeypatch.setattr(submit.monitor, "run_started", lambda *a, **k: started.append("run"))
+    with pytest.raises(submit.ParallelInputError) as info:
+        submit.run_sampling(model, positive, negative, 5.0, torch.zeros_like(latent), latent, torch.linspace(1, 0, 5),
+                            None, 0, None, ["cuda:0", "cuda:1"], cfg_parallel="off", mode="displaced")
+    msg = str(info.value)
+    print(f"  refusal: {msg}")
+    assert "1.0 MiB free" in msg and "per device" in msg and "more devices" in msg and "partial" in msg
+    assert started == []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (80 * 1024 ** 3, 80 * 1024 ** 3))
+    spec = submit.preflight(model, positive, negative, latent, ["cuda:0", "cuda:1"], "off", "displaced")
+    assert spec.mode == "displaced"

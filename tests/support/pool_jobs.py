@@ -78,3 +78,16 @@ class HangJob(Job):
     def run(self, ctx: WorkerContext) -> None:
         if ctx.rank == 0:
             time.sleep(3600)
+
+
+class ComfySettingsJob(Job):
+    """What ComfyUI settings a worker runs with (tests/comfy/test_worker_settings.py)."""
+
+    def run(self, ctx: WorkerContext) -> dict:
+        import comfy.cli_args
+        import comfy.ldm.modules.attention as attention
+
+        args = comfy.cli_args.args
+        return {"use_pytorch_cross_attention": args.use_pytorch_cross_attention,
+                "reserve_vram": args.reserve_vram, "cpu": args.cpu,
+                "attention": attention.optimized_attention.__name__}

@@ -28,6 +28,12 @@ Facts the rest of the test suite may rely on (checked by tests/comfy/test_tiny_m
   2 heads at 128). transformer_depth per level (0, 1, 2): no attention at full resolution, depth 2
   at 1/4 and in the middle block (so ``transformer_index`` 1 occurs: input 5, middle 0, output 0
   and 1). Total downsampling 4. About 5.8M parameters.
+* ``build_sd15_real_layout``: SD1.5 family with SD1.5's REAL level structure at a small width:
+  channel_mult (1, 2, 4, 4) (TOTAL DOWNSAMPLING 8), num_res_blocks 2, attention at 1/1, 1/2 and 1/4
+  and in the middle block, none in the 1/8 level (SD1.5's attention_resolutions [4, 2, 1]),
+  model_channels 32, context_dim 64, num_head_channels 32. About 8.6M parameters.
+* ``build_sd15_full_size``: ComfyUI's full SD15 unet_config (320 channels, 859.5M parameters, 3.4 GB
+  in fp32), seeded; not cached.
 * ``build_tiny_clip``: SD1 text encoder (``sd1_clip.SD1ClipModel`` + ComfyUI's shipped SD1
   tokenizer), hidden 64, 2 layers, 2 heads; conditioning (1, 77, 64), pooled_output (1, 64).
 * ``build_tiny_sdxl_clip``: SDXL dual text encoder (``sdxl_clip.SDXLClipModel`` with clip_l and clip_g
@@ -68,6 +74,8 @@ __all__ = [
     "build_checkpoint",
     "build_lora_state_dict",
     "build_sd15",
+    "build_sd15_full_size",
+    "build_sd15_real_layout",
     "build_sdxl",
     "build_tiny_clip",
     "build_tiny_sdxl_clip",
@@ -79,6 +87,7 @@ __all__ = [
     "make_conds",
     "make_lora_patches",
     "seed_module_",
+    "sd15_real_layout_unet_config",
     "sd15_unet_config",
     "sdxl_unet_config",
     "total_downsampling",
@@ -304,6 +313,66 @@ def build_sdxl(
     cfg = sdxl_unet_config(model_channels, tuple(channel_mult), num_res_blocks, tuple(transformer_depth), context_dim)
     base = _cached(key, lambda: _build_unet("SDXL", cfg, {"num_heads": -1, "num_head_channels": int(num_head_channels)}, seed, dtype))
     return base.clone()
+
+
+def sd15_real_layout_unet_config(
+    model_channels: int = 32,
+    num_res_blocks: int = 2,
+    context_dim: int = SD15_CONTEXT_DIM,
+) -> dict:
+    """SD1.5's own level structure (model_detection's SD15 entry) at a small width.
+
+    channel_mult (1, 2, 4, 4) (four levels, total downsampling 8), ``num_res_blocks`` per level,
+    one transformer block after every ResBlock of levels 1/1, 1/2 and 1/4 (SD1.5's
+    attention_resolutions [4, 2, 1]) and none at 1/8, one in the middle block.
+    """
+    levels = 4
+    depth = [1] * num_res_blocks * (levels - 1) + [0] * num_res_blocks
+    depth_out = [1] * (num_res_blocks + 1) * (levels - 1) + [0] * (num_res_blocks + 1)
+    cfg = sd15_unet_config(model_channels, (1, 2, 4, 4), num_res_blocks, context_dim)
+    cfg.update(transformer_depth=depth, transformer_depth_output=depth_out)
+    return cfg
+
+
+def build_sd15_real_layout(
+    seed: int = 0,
+    model_channels: int = 32,
+    num_res_blocks: int = 2,
+    context_dim: int = SD15_CONTEXT_DIM,
+    num_head_channels: int = 32,
+    dtype=None,
+):
+    """A small SD1.5-family UNet (``comfy.supported_models.SD15``) with SD1.5's REAL level structure.
+
+    channel_mult (1, 2, 4, 4) -> TOTAL DOWNSAMPLING 8 (latent sides must be multiples of 8 to
+    split), num_res_blocks 2, attention (one transformer block per SpatialTransformer) at 1/1, 1/2
+    and 1/4 latent resolution and in the middle block (at 1/8), none in the 1/8 level's own blocks:
+    attn1 keys input 1, 2, 4, 5, 7, 8, middle 0, output 3 to 11. Unlike ``build_sd15`` this HAS
+    attention at full latent resolution (slow on CPU: keep latents small, e.g. 40x40).
+    model_channels 32 (channels 32, 64, 128, 128), context_dim 64, heads from
+    ``num_head_channels`` 32 (1, 2 and 4 heads), use_linear_in_transformer False as SD1.5.
+    dtype defaults to float32. Weights seeded from ``seed`` (``seed_module_``). About 8.6M
+    parameters at the defaults. Returns a clone of the cached patcher.
+    """
+    _ensure_comfy()
+    key = ("sd15_real", int(seed), int(model_channels), int(num_res_blocks), int(context_dim), int(num_head_channels), str(dtype))
+    cfg = sd15_real_layout_unet_config(model_channels, num_res_blocks, context_dim)
+    overrides = {"num_heads": -1, "num_head_channels": int(num_head_channels)}
+    base = _cached(key, lambda: _build_unet("SD15", cfg, overrides, seed, dtype))
+    return base.clone()
+
+
+def build_sd15_full_size(seed: int = 0, dtype=None):
+    """A FULL-SIZE SD1.5 UNet: ``comfy.supported_models.SD15`` with model_detection's SD15 unet_config
+    (model_channels 320, channel_mult (1, 2, 4, 4), num_res_blocks 2, attention at 1/1, 1/2, 1/4 and in
+    the middle block, context_dim 768, 8 heads), 859.5M parameters, seeded random weights
+    (``seed_module_``, about 15 s here), float32 by default: 3.4 GB.
+
+    NOT cached (the caller owns the memory: drop the patcher and ``gc.collect()`` when done). Returns a
+    fresh ModelPatcher. Conditioning from ``make_conds`` is (1, 77, 768).
+    """
+    _ensure_comfy()
+    return _build_unet("SD15", sd15_real_layout_unet_config(320, 2, 768), {}, seed, dtype)
 
 
 def total_downsampling(model) -> int:

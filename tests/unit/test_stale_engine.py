@@ -125,17 +125,70 @@ def test_stale_exchanges_are_counted_per_kind(runs, world: int) -> None:
         neighbours = (not first) + (not last)
         halo = (neighbours * w * f8) * sc.STEPS  # one row each way per neighbour, every step
         gn_exact = 2 * (n - 1) * 3 * f8 // n  # ring all_reduce of [sum, sum of squares, count]
-        gn_stale = (n - 1) * 3 * f8  # all_gather of the same
-        kv_full = (n - 1) * max(heights) * w * 2 * sc.D * f8  # padded all_gather of k|v
+        gn_stale = (n - 1) * 3 * f8  # the same to and from every other band
+        kv_full = (n - 1) * max(heights) * w * 2 * sc.D * f8  # exact: padded all_gather of k|v
         win = [window_rows(sc.FRACTION, h) * w * 2 * sc.D * f8 for h in heights]
-        kv_sent = {"displaced": kv_full, "partial": win[rank] * neighbours}
-        kv_recv = {"displaced": kv_full, "partial": (0 if first else win[rank - 1]) + (0 if last else win[rank + 1])}
+        row = w * 2 * sc.D * f8
+        # stale displaced: this band's k|v to every other band, every other band's from it (no padding)
+        kv_sent = {"displaced": (n - 1) * heights[rank] * row, "partial": win[rank] * neighbours}
+        kv_recv = {"displaced": (sum(heights) - heights[rank]) * row,
+                   "partial": (0 if first else win[rank - 1]) + (0 if last else win[rank + 1])}
         for mode in ("displaced", "partial"):
             st = res[mode]["stats"]
             assert st["bytes_sent"]["halo"] == halo and st["bytes_received"]["halo"] == halo, (mode, st)
             assert st["bytes_sent"]["groupnorm"] == gn_exact + 2 * gn_stale, (mode, st)
             assert st["bytes_sent"]["kv"] == kv_full + 2 * kv_sent[mode], (mode, rank, st)
             assert st["bytes_received"]["kv"] == kv_full + 2 * kv_recv[mode], (mode, rank, st)
+
+
+# ---------------------------------------------------------------------------------------- kept memory
+@pytest.fixture(scope="module")
+def kept(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict]]:
+    return {world: spawn_run(sc.kept_world, world, tmp_path_factory.mktemp(f"kept{world}"), 120) for world in (2, 3)}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_kept_kv_bytes_per_layer_match_the_formula(kept, world: int) -> None:
+    """Per self-attention layer a rank keeps, between steps and at the warmup switch, exactly the other
+    bands' K/V it reads next (displaced: every other band, (N-1)/N of the image's K/V with even bands;
+    partial: one window per neighbour) plus its own K/V in flight, nothing more: no gathered copy, no
+    padding, and the step that switches from exact to stale holds no second copy."""
+    for rank, res in enumerate(kept[world]):
+        for mode in ("displaced", "partial"):
+            f = sc.kv_formula(world, rank, res["bands"], mode)
+            pts = res[(mode, "kv")]["points"]
+            print(f"  N={world} rank {rank} {mode:9s}: full K/V {f['full']} B, kept "
+                  f"{ {k: v['total'] for k, v in pts.items()} } (stale {f['stale']} + send {f['send']})")
+            assert pts["record"] == {"saved": f["stale"], "buckets": 0, "total": f["stale"]}, (mode, rank, pts)
+            for point in ("switch", "switch read", "stale", "stale 2"):
+                assert pts[point] == {"saved": 0, "buckets": f["total"], "total": f["total"]}, (mode, rank, point)
+            if mode == "displaced":
+                assert f["total"] == f["full"]  # (N-1)/N read + 1/N in flight: one image's K/V, not (N+1)/N
+            else:
+                tallest = max(e - s for s, e in res["bands"])
+                assert f["stale"] <= 2 * window_rows(sc.FRACTION, tallest) * sc.WIDTH * 2 * sc.D * 8
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_kept_halo_and_groupnorm_state(kept, world: int) -> None:
+    """Conv halo rows (one row of each neighbour, one row to each) and GroupNorm sums (3 float64 to and
+    from every other band) are all that the state layers keep."""
+    for rank, res in enumerate(kept[world]):
+        first, last = rank == 0, rank == world - 1
+        halo = 2 * ((not first) + (not last)) * sc.WIDTH * 8
+        gn = world * 3 * 8  # (N-1) received + 1 sent
+        for mode in ("displaced", "partial"):
+            pts = res[(mode, "state")]["points"]
+            assert pts["stale 2"]["total"] == halo + gn and pts["switch"]["total"] == halo + gn, (mode, rank, pts)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_kept_runs_give_the_engine_results(kept, runs, world: int) -> None:
+    for rank in range(world):
+        for mode in ("displaced", "partial"):
+            got = kept[world][rank][(mode, "kv")]["results"]
+            want = [s["k"] for s in runs[world][rank][mode]["steps"]]
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (mode, rank)
 
 
 # ---------------------------------------------------------------------------------------- pure rules

@@ -240,7 +240,7 @@ def test_register_adds_the_routes_once_and_pushes_through_send_sync():
     server = FakeServer()
     assert web_routes.register(server) and web_routes.register(server)  # ComfyUI may call the entry point twice
     paths = sorted((r.method, r.path) for r in server.routes)
-    assert paths == [("GET", "/hires_parallel/layout"), ("GET", "/hires_parallel/status"),
+    assert paths == [("GET", "/hires_parallel/align"), ("GET", "/hires_parallel/layout"), ("GET", "/hires_parallel/status"),
                      ("POST", "/hires_parallel/pool/restart"), ("POST", "/hires_parallel/pool/shutdown")]
     monitor.run_started(["cpu"], ParallelSpec(1, False), 1)
     assert server.sent == [(monitor.EVENT, "start")]

@@ -3,6 +3,10 @@
 // device_weights and the latent size of the connected EmptyLatentImage-like node (else a default size).
 // The split itself comes from the server (GET /hires_parallel/layout, computed with split_rows), so the
 // overlay shows exactly what a run would use; answers are cached per setting, so redraws cost nothing.
+// Bands align to the model's total downsampling (SD1.x 8 latent rows, SDXL 4), the rule a run uses
+// (parallel/layout.py band_alignment): the overlay follows the sampler's model input up to its loader and
+// sends the checkpoint name; the server reads the file's header. With no loader found the SD1.x rule is
+// drawn and the text also gives the SDXL rows.
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
@@ -52,8 +56,22 @@ function latentSize(node) {
   return found || { ...DEFAULT_SIZE, source: null };
 }
 
+// The checkpoint (or UNet) file the node's model comes from: follow "model" inputs (LoRA loaders, model
+// patches, Reroutes) up to a node with a ckpt_name / unet_name widget.
+const MODEL_FILE_WIDGETS = ["ckpt_name", "unet_name"];
+function modelFile(node, seen = new Set()) {
+  if (!node || seen.has(node.id) || seen.size > 50) return null;
+  seen.add(node.id);
+  for (const name of MODEL_FILE_WIDGETS) {
+    const value = widgetValue(node, name);
+    if (typeof value === "string" && value) return value;
+  }
+  const slot = node.type === "Reroute" ? 0 : node.findInputSlot ? node.findInputSlot("model") : -1;
+  return slot >= 0 ? modelFile(node.getInputNode(slot), seen) : null;
+}
+
 function queryFor(node, size) {
-  return new URLSearchParams({
+  const params = new URLSearchParams({
     height: String(size.height),
     width: String(size.width),
     devices: String(widgetValue(node, "devices") ?? 0),
@@ -61,7 +79,22 @@ function queryFor(node, size) {
     mode: String(widgetValue(node, "mode") ?? "exact"),
     cfg_parallel: String(widgetValue(node, "cfg_parallel") ?? "auto"),
     weights: String(widgetValue(node, "device_weights") ?? ""),
-  }).toString();
+  });
+  const slot = node.findInputSlot("model");
+  const checkpoint = slot >= 0 ? modelFile(node.getInputNode(slot)) : null;
+  if (checkpoint) params.set("checkpoint", checkpoint);
+  return params.toString();
+}
+
+// "bands align to 4 rows (my_xl.safetensors)"; for an unknown model
+// "bands align to 8 rows (sd15 rule (model unknown)); sdxl: 352/320/352 px".
+function alignText(lay) {
+  let text = `bands align to ${lay.align} rows (${lay.align_source})`;
+  for (const [family, rows] of Object.entries(lay.bands_by_family || {})) {
+    text += Array.isArray(rows) ? `; ${family}: ${rows.map(([s, e]) => (e - s) * lay.pixel_scale).join("/")} px`
+      : `; ${family}: no layout`;
+  }
+  return text;
 }
 
 function fetchLayout(query) {
@@ -158,7 +191,7 @@ function drawLayout(node, ctx) {
     ctx.fillStyle = "#ddd";
     ctx.fillText(fit(ctx, "Patch layout: " + split, room), x, y0 + 6);
     ctx.fillStyle = "#bbb";
-    ctx.fillText(fit(ctx, sizeText, room), x, y0 + 22);
+    ctx.fillText(fit(ctx, sizeText + "; " + alignText(lay), room), x, y0 + 22);
     ctx.fillText(fit(ctx, "rows (px): " + rows, room), x, y0 + 38);
   }
   ctx.restore();
@@ -174,6 +207,11 @@ function drawLayout(node, ctx) {
     world_size: lay.world_size ?? null,
     mode: lay.mode ?? null,
     cfg_parallel: lay.cfg_parallel ?? null,
+    align: lay.align ?? null,
+    align_source: lay.align_source ?? null,
+    model_known: lay.model_known ?? null,
+    bands_by_family: lay.bands_by_family ?? null,
+    align_text: lay.bands ? alignText(lay) : null,
     bands: lay.bands ? lay.bands.map((b) => ({ ranks: b.ranks, latent_rows: b.latent_rows, pixel_rows: b.pixel_rows })) : null,
   };
 }
