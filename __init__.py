@@ -20,7 +20,13 @@ if __name__ != "hires_parallel" and "hires_parallel" not in sys.modules:
 async def comfy_entrypoint():
     """V3 entry point: ComfyUI calls this to get the extension that lists our nodes."""
     from .nodes import HiResParallelExtension
+    from .parallel import leftovers
     from .web_routes import register
+
+    # ComfyUI calls this on its main thread, where signal handlers can be set: SIGTERM / SIGHUP then
+    # remove the weight files and stop the workers, as a normal exit does. Leftovers of killed runs go now.
+    leftovers.install_signal_handlers()
+    leftovers.sweep()
 
     try:
         register()  # the web panel's routes; a no-op without a running PromptServer

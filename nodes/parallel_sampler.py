@@ -54,6 +54,10 @@ def _parallel_inputs() -> list:
                                "statistics of the previous step with this band's fresh ones (no waiting). sync: exact "
                                "every step (tiny messages, but each one waits); the fix when images come out black or "
                                "washed out. auto: sync up to 1024x1024 pixels, corrected above."),
+        io.Combo.Input("comfy_gpu", options=submit.COMFY_GPU, default="share", optional=True,
+                       tooltip="share: workers use every GPU, the one ComfyUI's own models are on included (its "
+                               "models are unloaded from it for the run and come back for the VAE decode). avoid: "
+                               "leave ComfyUI's GPU to ComfyUI (its VAE, other samplers) and split over the others."),
     ]
 
 
@@ -98,7 +102,8 @@ class HiResParallelPatchParallelKSampler(io.ComfyNode):
     def execute(cls, model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,
                 latent_image: dict, denoise: float, devices: int, device_kind: str, mode: str,
                 cfg_parallel: str, device_weights: str = "", warmup: int = 0, partial_fraction: float = 0.3,
-                partial_fraction_late: float = -1.0, groupnorm: str = "auto") -> io.NodeOutput:
+                partial_fraction_late: float = -1.0, groupnorm: str = "auto",
+                comfy_gpu: str = "share") -> io.NodeOutput:
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         ks = comfy.samplers.KSampler(model, steps=steps, device="cpu", sampler=sampler_name, scheduler=scheduler,
@@ -110,7 +115,7 @@ class HiResParallelPatchParallelKSampler(io.ComfyNode):
         callback = latent_preview.prepare_callback(model, ks.sigmas.shape[-1] - 1)
         samples = submit.run_sampling(
             model, positive, negative, cfg, noise, latent, ks.sigmas, SamplerSpec(name=sampler_name), seed,
-            latent_image.get("noise_mask"), submit.resolve_devices(devices, device_kind), cfg_parallel, mode, callback,
+            latent_image.get("noise_mask"), submit.resolve_devices(devices, device_kind, comfy_gpu), cfg_parallel, mode, callback,
             device_weights, _mode_options(warmup, partial_fraction, partial_fraction_late, groupnorm))
         out["samples"] = samples.to(comfy.model_management.intermediate_device())
         return io.NodeOutput(out)
@@ -165,8 +170,9 @@ class HiResParallelPatchParallelGuider(io.ComfyNode):
     @monitor.watched  # a refusal here (devices, device_kind) reaches the web panel's last error too
     def execute(cls, model, positive, negative, cfg: float, devices: int, device_kind: str, mode: str,
                 cfg_parallel: str, device_weights: str = "", warmup: int = 0, partial_fraction: float = 0.3,
-                partial_fraction_late: float = -1.0, groupnorm: str = "auto") -> io.NodeOutput:
-        guider = PatchParallelGuider(model, submit.resolve_devices(devices, device_kind), cfg_parallel, mode,
+                partial_fraction_late: float = -1.0, groupnorm: str = "auto",
+                comfy_gpu: str = "share") -> io.NodeOutput:
+        guider = PatchParallelGuider(model, submit.resolve_devices(devices, device_kind, comfy_gpu), cfg_parallel, mode,
                                      device_weights, _mode_options(warmup, partial_fraction, partial_fraction_late,
                                                                    groupnorm))
         guider.set_conds(positive, negative)

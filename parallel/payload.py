@@ -14,8 +14,10 @@ import collections
 import copyreg
 import hashlib
 import io
+import logging
 import os
 import pickle
+import shutil
 import tempfile
 import threading
 import types
@@ -24,6 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
+
+from . import leftovers
+
+log = logging.getLogger("hires_parallel")
 
 
 class UnshippablePatch(ValueError):
@@ -339,19 +345,90 @@ def _weights_key(module: Any, sd: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+class NoRoomForWeights(RuntimeError):
+    """Neither shared memory nor the disk folder can hold a model's weights for the workers."""
+
+    user_facing = True
+
+
+MARGIN_BYTES = 256 << 20  # left free beside a weight file (other programs, the next file's temp copy)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GB"
+
+
+def _available_ram() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - no figure: the folder's own free space decides
+        return None
+
+
 class WeightStore:
     """Files of weights for the workers, one per model, in groups ("base", "control") that are each kept
-    to the newest few; removed when the pool goes away."""
+    to the newest few; removed when the pool goes away, at exit, or by the next start's sweep.
+
+    Files go to shared memory (/dev/shm: the workers map them without a disk read) when it has room for
+    them, else to a disk folder (``HIRES_PARALLEL_WEIGHTS_DIR``, else the system temp folder), with a log
+    line; folders are the owner's only (0700), files 0600. A container's default 64 MB /dev/shm therefore
+    costs a slower first load instead of "no space left on device"."""
 
     def __init__(self) -> None:
-        root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        self.dir = tempfile.mkdtemp(prefix="hires_parallel_weights_", dir=root)
+        leftovers.sweep()
         self.files: dict[str, str] = {}
+        self.sizes: dict[str, int] = {}
         self.groups: dict[str, list[str]] = {}  # group -> keys, least recently used first
         self.lock = threading.RLock()
+        self.dirs: dict[str, str] = {}  # "shm" / "disk" -> this store's folder there, made when first used
+        self.dir = self._folder("shm" if leftovers.shm_dir() else "disk")
+        leftovers.on_exit(self.close)
+
+    @staticmethod
+    def _root(kind: str) -> str:
+        if kind == "shm":
+            return leftovers.shm_dir() or tempfile.gettempdir()
+        return os.environ.get("HIRES_PARALLEL_WEIGHTS_DIR") or tempfile.gettempdir()
+
+    def _folder(self, kind: str) -> str:
+        if kind not in self.dirs:
+            root = self._root(kind)
+            os.makedirs(root, exist_ok=True)
+            self.dirs[kind] = tempfile.mkdtemp(prefix=leftovers.owned_prefix(leftovers.WEIGHTS_PREFIX), dir=root)
+        return self.dirs[kind]
+
+    def _place(self, nbytes: int) -> str:
+        """The folder a file of ``nbytes`` goes to: shared memory when it fits there (and in free RAM,
+        which shared memory uses), else the disk folder; NoRoomForWeights when neither has room."""
+        need = nbytes + MARGIN_BYTES
+        free: dict[str, int] = {}
+        if leftovers.shm_dir():
+            free["shm"] = shutil.disk_usage(leftovers.shm_dir()).free
+            ram = _available_ram()
+            if ram is not None:
+                free["shm"] = min(free["shm"], ram)
+            if free["shm"] >= need:
+                return self._folder("shm")
+        disk_root = self._root("disk")
+        free["disk"] = shutil.disk_usage(disk_root).free if os.path.isdir(disk_root) else 0
+        if free["disk"] >= need:
+            if "shm" in free:
+                log.warning("HiRes Parallel: /dev/shm (shared memory) has %s free, the model's weights need %s: "
+                            "writing them to %s on disk instead (workers load them from there; give the "
+                            "container more /dev/shm, e.g. docker --shm-size, for faster starts).",
+                            _gib(free["shm"]), _gib(nbytes), disk_root)
+            return self._folder("disk")
+        where = ", ".join(f"{'/dev/shm' if k == 'shm' else self._root(k)} has {_gib(v)} free" for k, v in free.items())
+        raise NoRoomForWeights(
+            f"The workers need the model's weights ({_gib(nbytes)}) in a file, but {where}. Free some space, "
+            "point HIRES_PARALLEL_WEIGHTS_DIR at a folder with room, or run with 1 device.")
 
     def file_for(self, model, key: str, keep: int = 2) -> str:
         with self.lock:
+            if key not in self.files:
+                self.trim("base", keep - 1)  # make room before the new file, not after
             path = self.file_for_data(key, lambda: {k: v.detach().cpu() for k, v in base_state_dict(model).items()},
                                       "base")
             self.trim("base", keep, pinned={key})  # bounded: the newest base models only
@@ -361,11 +438,20 @@ class WeightStore:
         """The file for `key`, written from make() (anything torch.load(weights_only=True) reads) when new."""
         with self.lock:
             if key not in self.files:
-                path = os.path.join(self.dir, f"{key}.pt")
+                data = make()
+                nbytes = _payload_bytes(data)
+                path = os.path.join(self._place(nbytes), f"{key}.pt")
                 tmp = path + f".{uuid.uuid4().hex}.tmp"
-                torch.save(make(), tmp)
-                os.replace(tmp, path)
+                try:
+                    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                        torch.save(data, f)
+                    os.replace(tmp, path)
+                except BaseException:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+                    raise
                 self.files[key] = path
+                self.sizes[key] = nbytes
             order = self.groups.setdefault(group, [])
             if key in order:
                 order.remove(key)
@@ -377,13 +463,14 @@ class WeightStore:
         pinned = set(pinned)
         with self.lock:
             order = self.groups.get(group, [])
-            for old in [k for k in order if k not in pinned][: max(0, len(order) - keep)]:
+            for old in [k for k in order if k not in pinned][: max(0, len(order) - max(0, keep))]:
                 self._remove(old)
 
     def _remove(self, key: str) -> None:
         for order in self.groups.values():
             if key in order:
                 order.remove(key)
+        self.sizes.pop(key, None)
         path = self.files.pop(key, None)
         if path and os.path.exists(path):
             os.remove(path)
@@ -392,8 +479,22 @@ class WeightStore:
         with self.lock:
             for key in list(self.files):
                 self._remove(key)
-            if os.path.isdir(self.dir):
-                os.rmdir(self.dir)
+            for folder in self.dirs.values():
+                shutil.rmtree(folder, ignore_errors=True)
+            self.dirs = {}
+
+
+def _payload_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) dict / list, plus a little for the rest (skeletons, names)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_payload_bytes(v) for v in obj.values()) + 64 * len(obj)
+    if isinstance(obj, (list, tuple)):
+        return sum(_payload_bytes(v) for v in obj)
+    if isinstance(obj, (bytes, bytearray)):
+        return len(obj)
+    return 64
 
 
 # ------------------------------------------------------------------------------------ controller side

@@ -27,7 +27,6 @@ How a pool lives (read top to bottom):
 """
 from __future__ import annotations
 
-import atexit
 import collections
 import glob
 import importlib
@@ -52,7 +51,7 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 from multiprocessing.connection import wait as wait_connections
 from typing import Any, Callable
 
-from . import host_args
+from . import host_args, leftovers
 from .protocol import (
     Job,
     JobCancelled,
@@ -458,7 +457,8 @@ class WorkerPool:
         return env  # CUDA_VISIBLE_DEVICES / OMP_NUM_THREADS are set by the worker from its device
 
     def _spawn_and_join(self) -> None:
-        self._tmpdir = tempfile.mkdtemp(prefix="hires_parallel_pool_")
+        leftovers.sweep()  # folders of earlier ComfyUI processes that were killed
+        self._tmpdir = tempfile.mkdtemp(prefix=leftovers.owned_prefix(leftovers.POOL_PREFIX))
         argv, launch_env, self.launch_mode = _launcher(self._tmpdir)
         authkey = os.urandom(32)
         port = _free_port()
@@ -818,4 +818,4 @@ def shutdown_pool(timeout: float = 10) -> None:
         old.shutdown(timeout)
 
 
-atexit.register(shutdown_pool)
+leftovers.on_exit(shutdown_pool)  # at exit and on SIGTERM / SIGHUP: workers stopped, pool folder removed

@@ -29,6 +29,7 @@ log = logging.getLogger("hires_parallel")
 
 DEVICE_KINDS = ["auto", "cuda", "cpu"]
 CFG_PARALLEL = ["auto", "on", "off"]
+COMFY_GPU = ["share", "avoid"]  # whether workers may use the GPU ComfyUI's own models are on
 MODES = ["exact", "displaced", "partial", "batch"]
 JOB_TIMEOUT_S = 900.0  # no word from rank 0 for this long: the job is declared hung
 MAX_CPU_RANKS_ENV = "HIRES_PARALLEL_MAX_CPU_RANKS"  # override of the CPU rank cap (max_cpu_ranks)
@@ -36,6 +37,7 @@ MIN_CPU_RANK_CAP = 4  # CPU ranks always allowed (2 bands x CFG parallel), whate
 
 _store_lock = threading.Lock()
 _store: WeightStore | None = None
+_store_pool: Any = None  # the pool the weight files were written for
 LAST_RUN: dict[str, Any] = {}
 
 
@@ -71,21 +73,34 @@ def check_mode_options(options: ModeOptions) -> None:
         raise ParallelInputError(f"groupnorm must be one of {list(GROUPNORM_POLICIES)}; got {options.groupnorm!r}.")
 
 
-def resolve_devices(devices: int, kind: str) -> list[str]:
-    """Device list for a run: `devices` 0 means every visible GPU; more than exist runs on what exists."""
+def resolve_devices(devices: int, kind: str, comfy_gpu: str = "share") -> list[str]:
+    """Device list for a run: `devices` 0 means every visible GPU; more than exist runs on what exists.
+    ``comfy_gpu`` "avoid" leaves out the GPU ComfyUI's own models use (its VAE decode and other samplers
+    then keep their memory); "share" (default) uses it too, as rank 0's device when it is cuda:0."""
     if kind not in DEVICE_KINDS:
         raise ParallelInputError(f"device_kind must be one of {DEVICE_KINDS}; got {kind!r}.")
+    if comfy_gpu not in COMFY_GPU:
+        raise ParallelInputError(f"comfy_gpu must be one of {COMFY_GPU}; got {comfy_gpu!r}.")
     cuda_n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if kind == "auto":
         kind = "cuda" if cuda_n else "cpu"
     if kind == "cuda":
         if cuda_n == 0:
             raise ParallelInputError("device_kind is cuda but no CUDA device is visible: choose auto or cpu.")
-        n = cuda_n if devices <= 0 else devices
-        if n > cuda_n:
-            log.warning("HiRes Parallel: %d devices asked for, %d visible; running on %d.", n, cuda_n, cuda_n)
-            n = cuda_n
-        return [f"cuda:{i}" for i in range(n)]
+        from .pool import comfy_gpu as comfys_gpu
+
+        usable = [f"cuda:{i}" for i in range(cuda_n)]
+        if comfy_gpu == "avoid":
+            usable = [d for d in usable if d != comfys_gpu()]
+            if not usable:
+                raise ParallelInputError(f"comfy_gpu is avoid, but the only visible GPU ({comfys_gpu()}) is the one "
+                                         "ComfyUI itself uses: set comfy_gpu to share, or make more GPUs visible.")
+        n = len(usable) if devices <= 0 else devices
+        if n > len(usable):
+            log.warning("HiRes Parallel: %d devices asked for, %d usable%s; running on %d.", n, len(usable),
+                        " (ComfyUI's own GPU left out)" if comfy_gpu == "avoid" else "", len(usable))
+            n = len(usable)
+        return usable[:n]
     n = max(1, devices)
     cap = max_cpu_ranks()
     if n > cap:
@@ -142,11 +157,18 @@ def resolve_cfg_parallel(setting: str, world: int, has_negative: bool, cfg: floa
     return True
 
 
-def weight_store() -> WeightStore:
-    global _store
+def weight_store(pool: Any = None) -> WeightStore:
+    """The weight files for the workers. They belong to one pool: when ``pool`` is another pool than the
+    one they were written for (devices or settings changed, so the pool was rebuilt), the old files go."""
+    global _store, _store_pool
     with _store_lock:
+        if pool is not None and _store_pool is not None and _store_pool is not pool and _store is not None:
+            _store.close()
+            _store = None
         if _store is None:
             _store = WeightStore()
+        if pool is not None:
+            _store_pool = pool
         return _store
 
 
@@ -267,14 +289,13 @@ def run_sampling(model, positive, negative, cfg: float, noise: torch.Tensor, lat
 
     from .pool import get_pool
 
-    payload = make_payload(model, weight_store())
-    positive, negative = ship_conditioning(positive, negative, weight_store())  # ControlNets as records + files
-    if any(d.startswith("cuda") for d in devices):  # the workers need the memory ComfyUI's copy holds
-        comfy.model_management.unload_all_models()
-        comfy.model_management.soft_empty_cache()
+    pool = get_pool(devices)
+    store = weight_store(pool)
+    payload = make_payload(model, store)
+    positive, negative = ship_conditioning(positive, negative, store)  # ControlNets as records + files
+    free_comfy_gpu(devices)
     job = SamplingJob(payload, positive, negative, cfg, noise.cpu(), latent_image.cpu(), sigmas.cpu(), sampler, seed,
                       spec, None if denoise_mask is None else denoise_mask.cpu())
-    pool = get_pool(devices)
     try:
         result = pool.run(job, on_progress=on_progress, should_cancel=should_cancel, timeout_s=JOB_TIMEOUT_S)
     except JobCancelled:
@@ -285,6 +306,21 @@ def run_sampling(model, positive, negative, cfg: float, noise: torch.Tensor, lat
         raise
     _record(devices, spec, result.seconds, result.stats)
     return result.value["samples"]
+
+
+def free_comfy_gpu(devices: list[str]) -> bool:
+    """When a worker runs on the GPU ComfyUI's own models use, ComfyUI's copies leave that GPU first (the
+    worker needs the memory; ComfyUI reloads what it needs afterwards, e.g. for the VAE decode). Workers on
+    other GPUs take nothing from ComfyUI, so nothing is unloaded then. Returns whether it unloaded."""
+    import comfy.model_management
+
+    from .pool import comfy_gpu
+
+    if comfy_gpu() not in devices:
+        return False
+    comfy.model_management.unload_all_models()
+    comfy.model_management.soft_empty_cache()
+    return True
 
 
 def comm_per_step(rank_stats: dict) -> dict:
