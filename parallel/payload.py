@@ -172,12 +172,14 @@ def _import_problem(module: str, cache: dict[str, str | None]) -> str | None:
         return cache[module]
     import sys
 
-    from .pool import PACKAGE, RUNTIME_PACKAGE, _pack_aliases
+    from .pool import PACKAGE, RUNTIME_PACKAGE, _pack_aliases, comfy_extras_name
 
     top = module.partition(".")[0]
     problem: str | None = None
     if top in (PACKAGE, RUNTIME_PACKAGE) or top in _pack_aliases():
         problem = None  # this pack: pickled under the name the workers import it by (pool._PackPickler)
+    elif comfy_extras_name(module):
+        problem = None  # ComfyUI's own node files: pickled as comfy_extras.<name> (pool._PackPickler)
     elif module == "__main__" or top == "__main__":
         problem = "it was defined in the script that started Python (__main__)"
     elif not all(p.isidentifier() for p in module.split(".")):

@@ -204,8 +204,25 @@ class _ModuleRef:
         return (importlib.import_module, (self.name,))
 
 
+def comfy_extras_name(module: str) -> str | None:
+    """``comfy_extras.<name>`` for a module ComfyUI loaded from its comfy_extras folder under a name made
+    from the file's path (as it loads every node file there), else None. Workers import it by that name."""
+    if not module or all(p.isidentifier() for p in module.split(".")):
+        return None
+    root = _comfyui_root()
+    if not root:
+        return None
+    folder, name = os.path.split(module)
+    try:
+        same = os.path.samefile(folder, os.path.join(root, "comfy_extras"))
+    except OSError:
+        return None
+    return f"comfy_extras.{name}" if same and name.isidentifier() else None
+
+
 class _PackPickler(pickle.Pickler):
-    """Pickles classes and functions of the pack by the name the workers import it under."""
+    """Pickles classes and functions of the pack by the name the workers import it under, and those of
+    ComfyUI's own comfy_extras node files by their importable name."""
 
     def __init__(self, file: io.BytesIO, aliases: set[str]) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
@@ -217,6 +234,9 @@ class _PackPickler(pickle.Pickler):
             qual = getattr(obj, "__qualname__", "")
             if top in self.aliases and "<locals>" not in qual:
                 return operator.attrgetter(qual), (_ModuleRef(PACKAGE + dot + rest),)
+            extras = comfy_extras_name(getattr(obj, "__module__", None) or "")
+            if extras and "<locals>" not in qual:
+                return operator.attrgetter(qual), (_ModuleRef(extras),)
         return NotImplemented
 
 
