@@ -43,9 +43,10 @@ def test_path_named_comfy_extras_objects_pickle_under_their_importable_name(path
     check_worker_importable({"f": fn}, "test")  # accepted
     blob = dumps_job({"f": fn})
     assert fn.__module__.encode() not in blob
-    code = ("import pickle, sys; sys.path.insert(0, sys.argv[1]); f = pickle.loads(sys.stdin.buffer.read())['f'];"
-            "print(f.__module__, f.__name__)")
-    out = subprocess.run([sys.executable, "-c", code, comfy_root], input=blob, capture_output=True, timeout=120)
+    code = ("import pickle, sys; from hires_parallel.comfy_host import ensure_comfy; ensure_comfy(cpu=True);"
+            "f = pickle.loads(sys.stdin.buffer.read())['f']; print(f.__module__, f.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, timeout=120,
+                         env=dict(os.environ, COMFYUI_PATH=comfy_root))
     assert out.returncode == 0, out.stderr.decode()
     assert out.stdout.decode().split() == ["comfy_extras.nodes_advanced_samplers", "sample_euler_pp"]
     assert comfy_extras_name("custom_nodes/SomePack/nodes") is None and comfy_extras_name("comfy.samplers") is None
