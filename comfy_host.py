@@ -53,14 +53,15 @@ def find_comfyui(pack_dir: str | None = None, env: str | None = None) -> str | N
     return DEFAULT_COMFYUI_PATH if _is_comfy_root(DEFAULT_COMFYUI_PATH) else None
 
 
-def ensure_comfy(cpu: bool | None = None) -> str:
+def ensure_comfy(cpu: bool | None = None, root: str | None = None) -> str:
     """Make ``import comfy`` work and return the ComfyUI root.
 
     ``cpu`` forces ComfyUI's ``--cpu`` mode; by default it is set when torch sees no CUDA device.
-    It must be decided before ``comfy.model_management`` is first imported.
+    It must be decided before ``comfy.model_management`` is first imported. ``root`` names the checkout
+    (workers pass the controller's), else ``find_comfyui`` decides.
     """
     if "comfy.model_management" not in sys.modules:
-        root = find_comfyui()
+        root = root or find_comfyui()
         if root is None:
             raise ComfyUINotFound(HOW_TO)
         if root not in sys.path:

@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     patched = {"sync": patch_model(model, **common), "async": patch_model(model, asynchronous=True, **common)}
     s1 = structure_steps(args.steps, 0.5)
 
-    def run(m, devices: list[str], threads: int) -> tuple[torch.Tensor, dict]:
+    def run(m, devices: list[str], threads: int, cfg: float = 5.0) -> tuple[torch.Tensor, dict]:
         torch.set_num_threads(threads)
-        out = submit.run_sampling(m, pos, neg, 5.0, noise, latent, sigmas, SamplerSpec(name="euler"), 0, None,
+        out = submit.run_sampling(m, pos, neg, cfg, noise, latent, sigmas, SamplerSpec(name="euler"), 0, None,
                                   devices, cfg_parallel="off", mode="batch")
         return out, json.loads(json.dumps(submit.LAST_RUN, default=str))
 
@@ -90,6 +90,16 @@ def main(argv: list[str] | None = None) -> int:
                 rows[i] = row
     for r, out in zip(rows, outs):
         r["max_abs_diff_vs_asg_1rank_1thread"] = None if r["method"] == "plain" else float((out - ref).abs().max())
+    # The reference path's own float noise: the same run with cfg one float32 ulp up and down. The split's
+    # differences are rounding differences of the same kind, so they are read against this, not a constant.
+    import numpy as np
+
+    ulp_moves = [float(np.nextafter(np.float32(5.0), np.float32(d))) for d in (np.inf, -np.inf)]
+    noise_runs = [run(patched["sync"], ["cpu"], 1, cfg)[0] for cfg in ulp_moves]
+    cfg_noise = max(float((o - ref).abs().max()) for o in noise_runs)
+    # ... and the same path with 2 threads instead of 1 (other reduction order inside each kernel)
+    thread_noise = next(r["max_abs_diff_vs_asg_1rank_1thread"] for r in rows if r["config"] == "ASG, 1 rank x 2 threads")
+    float_noise = max(cfg_noise, thread_noise)
     shutdown_pool()
     torch.set_num_threads(2)
 
@@ -109,10 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         st2 = "-" if r["s_per_step_stage2"] is None else f"{r['s_per_step_stage2']:.3f}"
         print(f"{r['config']:32s} {r['s_per_step']:7.3f} {st1:>7s} {st2:>7s} {r['speedup_vs_asg_1rank_1thread']:10.2f} "
               f"{r['time_vs_plain_1rank_1thread']:11.2f} {kib:13.1f} {'-' if diff is None else f'{diff:.2e}':>9s}")
+    print(f"float noise of ASG 1 rank x 1 thread: {float_noise:.2e} (cfg one float32 ulp up / down: {cfg_noise:.2e}; "
+          f"2 threads instead of 1: {thread_noise:.2e})")
     result = {"benchmark": "asg", "machine": machine(),
               "native_px": args.native, "scale": args.scale, "latent": side, "steps": args.steps,
               "structure_steps": s1, "channels": args.channels, "view_batch": args.view_batch, "repeat": args.repeat,
-              "load_average": os.getloadavg(), "rows": rows}
+              "load_average": os.getloadavg(), "float_noise_asg_1rank_1thread": float_noise,
+              "float_noise_parts": {"cfg_ulp": cfg_noise, "threads_2_vs_1": thread_noise}, "rows": rows}
     write_result(args.out, result)
     return 0
 

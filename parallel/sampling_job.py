@@ -93,7 +93,7 @@ class SamplingJob(Job):
         import comfy.samplers
 
         from .comm import CommStats
-        from .layout import ParallelPlan
+        from .layout import ParallelPlan, band_alignment
         from .unet_parallel import BandParallelRuntime, apply_band_parallel
 
         t0 = time.perf_counter()
@@ -110,7 +110,7 @@ class SamplingJob(Job):
         if self.parallel.world_size > 1:  # one device: ComfyUI's model as it is, nothing to split
             plan = ParallelPlan(self.parallel.world_size, self.parallel.cfg_parallel,
                                 batch_split=self.parallel.world_size if self.parallel.mode == "batch" else 0)
-            align = 2 ** (len(model.get_model_object("diffusion_model").channel_mult) - 1)
+            align = band_alignment(model)  # the one band rule, shared with the web overlay
             stale = self.parallel.stale_options(self.sigmas, int(self.latent_image.shape[-2]),
                                                 int(self.latent_image.shape[-1]))
             runtime = BandParallelRuntime(plan, ctx.rank, align, weights=self.parallel.weights, stats=stats,

@@ -18,7 +18,7 @@ import torch
 
 from . import monitor  # the web panel's live view (web_routes.py); reporting only
 from .displaced import GROUPNORM_POLICIES, STALE_MODES
-from .layout import LayoutError, ParallelPlan, split_rows
+from .layout import LayoutError, ParallelPlan, band_alignment, split_rows
 from .memory_plan import check_preflight_memory
 from .payload import (WeightStore, check_model_importable, check_picklable, check_worker_importable,
                       control_layer_classes, make_payload, ship_conditioning)
@@ -226,7 +226,7 @@ def preflight(model, positive, negative, latent_image: torch.Tensor, devices: li
     plan = ParallelPlan(world, spec.cfg_parallel, batch_split=world if batch_mode else 0)
     if not batch_mode:
         spec.weights = band_weights(device_weights, plan)
-    align = 2 ** (len(model.get_model_object("diffusion_model").channel_mult) - 1)
+    align = band_alignment(model)  # the one band rule, shared with the web overlay
     if latent_image.ndim != 4:
         raise ParallelInputError(f"Patch-parallel sampling takes image latents (4-D); got shape {tuple(latent_image.shape)}.")
     try:

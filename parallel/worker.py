@@ -181,7 +181,7 @@ def _prepare_comfy(device: Any) -> None:
     changed = apply(decode(os.environ.get(ARGS_ENV, "")), device_type)
     if changed:
         sys.stderr.write(f"ComfyUI settings from the controller: {', '.join(changed)}\n")
-    ensure_comfy(cpu=device_type == "cpu")
+    ensure_comfy(cpu=device_type == "cpu", root=root)
 
 
 def _run_one(control: _Control, msg: tuple, rank: int, world: int, device: Any, backend: str,
