@@ -475,7 +475,10 @@ class WeightStore:
         self.sizes.pop(key, None)
         path = self.files.pop(key, None)
         if path and os.path.exists(path):
-            os.remove(path)
+            try:
+                os.remove(path)  # POSIX: workers that mapped it keep their pages until they drop the model
+            except OSError as exc:  # Windows: a file mapped by a worker cannot go yet; the sweep takes it later
+                log.info("HiRes Parallel: weight file %s not removed yet (%s)", path, exc)
 
     def close(self) -> None:
         with self.lock:
@@ -542,7 +545,9 @@ def build_model(payload: ModelPayload, cache: dict):
         sd = torch.load(payload.weights_file, map_location="cpu", mmap=True, weights_only=True)
         base = payload.model_class(payload.model_config, model_type=payload.model_type,
                                    device=comfy.model_management.unet_offload_device())
-        missing, unexpected = base.load_state_dict(sd, strict=False)
+        # assign: the parameters ARE the file's memory-mapped pages (copy-on-write), so N workers on one
+        # machine share one copy of the weights in RAM instead of holding N; moving to a GPU copies from them.
+        missing, unexpected = base.load_state_dict(sd, strict=False, assign=True)
         if missing or unexpected:
             raise RuntimeError(f"rebuilt model does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
         base.eval()

@@ -91,3 +91,29 @@ class ComfySettingsJob(Job):
         return {"use_pytorch_cross_attention": args.use_pytorch_cross_attention,
                 "reserve_vram": args.reserve_vram, "cpu": args.cpu,
                 "attention": attention.optimized_attention.__name__}
+
+
+class WeightBackingJob(Job):
+    """Bytes of the cached base model's weights whose memory is a mapping of a file (Linux /proc/self/maps),
+    and in all (tests/comfy/test_shared_weights.py)."""
+
+    def run(self, ctx: WorkerContext) -> dict:
+        ranges = []
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[5].endswith(".pt"):
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    ranges.append((lo, hi, parts[5]))
+        base = ctx.cache["base_model"][1].model
+        mapped = total = 0
+        files = set()
+        for t in base.state_dict().values():
+            n = t.numel() * t.element_size()
+            total += n
+            ptr = t.data_ptr()
+            hit = next((name for lo, hi, name in ranges if lo <= ptr < hi), None)
+            if hit:
+                mapped += n
+                files.add(hit)
+        return {"mapped": mapped, "total": total, "files": sorted(files)}
