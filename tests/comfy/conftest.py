@@ -16,3 +16,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_pool_after_module():
+    """Each module leaves no worker pool behind (the next module may want other devices or settings)."""
+    yield
+    from hires_parallel.parallel.pool import shutdown_pool
+
+    shutdown_pool()
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    """The tiny SD1.5-family model most tests of this layer use (support.tiny_models.build_sd15, seed 0)."""
+    from support.tiny_models import build_sd15
+
+    return build_sd15(seed=0)

@@ -13,19 +13,11 @@ import pytest
 import torch
 
 from support.float_noise import cfg_noise_tolerance
-from support.tiny_models import build_sd15, build_sdxl, make_conds
+from support.tiny_models import build_sdxl, make_conds
 
 NATIVE = 64  # pixels -> 8x8 latent
 CFG = 5.0
 ASYNC_PSNR_FLOOR_DB = 20.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _stop_pool_after_module():
-    yield
-    from hires_parallel.parallel.pool import shutdown_pool
-
-    shutdown_pool()
 
 
 def _patch(model, **kw):
@@ -78,11 +70,6 @@ def _recorded(model):
 
 def _wrapper(model):
     return model.model_options["model_function_wrapper"]
-
-
-@pytest.fixture(scope="module")
-def sd15():
-    return build_sd15(seed=0)
 
 
 @pytest.fixture(scope="module")

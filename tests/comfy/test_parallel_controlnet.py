@@ -11,23 +11,10 @@ import pytest
 import torch
 
 from support.tiny_controlnet import build_tiny_controlnet, hint_image
-from support.float_noise import cfg_noise_tolerance
-from support.tiny_models import build_sd15, make_conds
+from support.references import comfy_reference
+from support.tiny_models import make_conds
 
 REL_TOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _stop_pool_after_module():
-    yield
-    from hires_parallel.parallel.pool import shutdown_pool
-
-    shutdown_pool()
-
-
-@pytest.fixture(scope="module")
-def sd15():
-    return build_sd15(seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +34,7 @@ def _apply(conds, control_net, h, w, seed=0, strength=0.8, start=0.0, end=1.0):
                                                              end)
 
 
-def _reference(model, conds, latent, seed=5, steps=3, cfg=5.0, sampler="euler", scheduler="karras"):
-    """ComfyUI's KSampler; the result carries ``noise_tolerance``: k x the float noise of this path, measured
-    by running it again with cfg one float32 ulp up and down (support/float_noise.py)."""
-    import nodes
-
-    def run(c):
-        return nodes.common_ksampler(model, seed, steps, c, sampler, scheduler, conds[0], conds[1], latent)[0]["samples"]
-
-    ref, tol = cfg_noise_tolerance("exact", run, cfg)
-    ref.noise_tolerance = tol
-    return ref
+_reference = comfy_reference
 
 
 def _parallel(model, conds, latent, devices=2, cfg_parallel="off", seed=5, steps=3, cfg=5.0, sampler="euler",

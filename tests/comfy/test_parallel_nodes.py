@@ -10,41 +10,22 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 
 import pytest
 import torch
 
-from support.float_noise import cfg_noise_tolerance
+from support.references import comfy_reference
 from support.tiny_models import build_sd15, build_sdxl, make_conds, make_lora_patches
 
 REL_TOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _stop_pool_after_module():
-    yield
-    from hires_parallel.parallel.pool import shutdown_pool
-
-    shutdown_pool()
 
 
 def _latent(h=40, w=32):
     return {"samples": torch.zeros(1, 4, h, w)}
 
 
-def _reference(model, conds, latent, seed=5, steps=3, cfg=5.0, sampler="euler", scheduler="karras"):
-    """ComfyUI's KSampler; the result carries ``noise_tolerance``: k x the float noise of this path, measured
-    by running it again with cfg one float32 ulp up and down (support/float_noise.py)."""
-    import nodes
-
-    def run(c):
-        return nodes.common_ksampler(model, seed, steps, c, sampler, scheduler, conds[0], conds[1], latent)[0]["samples"]
-
-    ref, tol = cfg_noise_tolerance("exact", run, cfg)
-    ref.noise_tolerance = tol
-    return ref
+_reference = comfy_reference
 
 
 def _parallel(model, conds, latent, devices=2, cfg_parallel="off", seed=5, steps=3, cfg=5.0, sampler="euler",
@@ -66,11 +47,6 @@ def _compare(label, a, b):
     err, scale = (a - b).abs().max().item(), b.abs().max().item()
     print(f"\n[exact] {label}: max abs error {err:.3g} (max|ref| {scale:.3g}, relative {err / scale:.2g})")
     assert err <= REL_TOL * scale, f"{label}: {err}"
-
-
-@pytest.fixture(scope="module")
-def sd15():
-    return build_sd15(seed=0)
 
 
 @pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_sde"])
@@ -244,7 +220,6 @@ def test_displaced_and_partial_modes_through_the_pool_with_per_step_accounting(s
     seconds per step and rank by kind, for exact warmup steps and stale steps apart. Fidelity floor as in
     tests/comfy/test_displaced_modes.py (latent PSNR against the single-device KSampler)."""
     from hires_parallel.nodes.parallel_sampler import pool_status_text
-    from hires_parallel.parallel import submit
 
     conds = make_conds(sd15, seed=1)
     latent = _latent(40, 32)

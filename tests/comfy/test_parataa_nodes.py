@@ -15,16 +15,11 @@ import pickle
 import pytest
 import torch
 
-from support.tiny_models import build_sd15, make_conds
+from support.tiny_models import make_conds
 
 STEPS = 10
 TIGHT = dict(tolerance=1e-4, tolerance_noise=1e-4)
 REL_TOL = 5e-4
-
-
-@pytest.fixture(scope="module")
-def sd15():
-    return build_sd15(seed=0)
 
 
 @pytest.fixture(autouse=True)

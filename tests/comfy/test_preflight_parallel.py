@@ -4,28 +4,14 @@ would bypass refused by check_band_parallel_support, and the CPU rank cap throug
 from __future__ import annotations
 
 import copy
-import sys
-import types
 
 import pytest
 import torch
 
-from support.tiny_models import build_sd15, make_conds
+from support.tiny_models import make_conds
+from support.fake_pack import fake_pack_module
 
 REL_TOL = 1e-5  # as test_parallel_nodes: fp32 CPU, a few steps, against ComfyUI's own single-process result
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _stop_pool_after_module():
-    yield
-    from hires_parallel.parallel.pool import shutdown_pool
-
-    shutdown_pool()
-
-
-@pytest.fixture(scope="module")
-def sd15():
-    return build_sd15(seed=0)
 
 
 def _node(model, conds, latent, cfg, devices=2, cfg_parallel="auto", device_kind="cpu", steps=3):
@@ -96,25 +82,7 @@ def test_guider_decides_at_sample_time_with_the_cfg_set_last(sd15):
 # ---------------------------------------------------------------- objects of other node packs
 @pytest.fixture()
 def fake_pack(tmp_path):
-    """A module as ComfyUI loads a custom node pack: named after its folder's path, file under custom_nodes."""
-    folder = tmp_path / "ComfyUI" / "custom_nodes" / "SomePack"
-    folder.mkdir(parents=True)
-    (folder / "ops.py").write_text("# stand-in\n")
-    package = types.ModuleType(str(folder).replace(".", "_x_"))
-    package.__file__, package.__path__ = str(folder / "__init__.py"), [str(folder)]
-    mod = types.ModuleType(package.__name__ + ".ops")
-    mod.__file__ = str(folder / "ops.py")
-    exec(
-        "class PackCFG:\n"
-        "    def __call__(self, args):\n"
-        "        return args['cond']\n"
-        "def pack_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):\n"
-        "    return x\n",
-        mod.__dict__,
-    )
-    sys.modules[package.__name__], sys.modules[mod.__name__] = package, mod
-    yield mod
-    del sys.modules[mod.__name__], sys.modules[package.__name__]
+    yield from fake_pack_module(tmp_path)
 
 
 def test_a_cfg_function_of_another_pack_is_refused_before_any_worker_starts(sd15, fake_pack):

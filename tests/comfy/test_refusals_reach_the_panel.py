@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from support.tiny_models import build_sd15, build_sdxl, make_conds
+from support.tiny_models import build_sdxl, make_conds
 
 
 @pytest.fixture()
@@ -25,11 +25,6 @@ def panel():
     from hires_parallel.parallel.pool import shutdown_pool
 
     shutdown_pool()
-
-
-@pytest.fixture(scope="module")
-def sd15():
-    return build_sd15(seed=0)
 
 
 def _ksampler(model, conds, devices, device_kind, cfg_parallel="off", cfg=5.0, h=16):

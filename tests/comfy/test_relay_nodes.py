@@ -4,12 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support.tiny_models import build_sd15, build_tiny_vae, make_conds
-
-
-@pytest.fixture(scope="module")
-def sd15():
-    return build_sd15(seed=0)
+from support.tiny_models import build_tiny_vae, make_conds
 
 
 @pytest.fixture(scope="module")

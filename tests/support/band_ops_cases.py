@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from hires_parallel.parallel.band_ops import band_conv2d, band_group_norm, band_kv, band_slice, conv_halo_rows
+from hires_parallel.parallel.band_ops import band_conv2d, band_group_norm, band_kv, band_slice
 from hires_parallel.parallel.comm import BandGroup, CommStats, gather_batch
 from hires_parallel.parallel.layout import ParallelPlan, split_rows
 

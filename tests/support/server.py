@@ -104,6 +104,13 @@ class PromptFailed(AssertionError):
         return any(m[0] == "execution_interrupted" for m in self.history.get("status", {}).get("messages", []))
 
 
+def _default_signals() -> None:
+    """The server gets the signals' default meaning (Ctrl+C, SIGTERM), whatever the test run inherited: a
+    shell's background job ignores SIGINT, nohup ignores SIGHUP."""
+    for name in ("SIGTERM", "SIGINT", "SIGHUP"):
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
+
+
 class ComfyServer:
     """One ComfyUI server process on a free loopback port with its own base directory."""
 
@@ -211,6 +218,7 @@ class ComfyServer:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            preexec_fn=_default_signals if os.name == "posix" else None,
         )
         _LIVE.add(self)
         try:

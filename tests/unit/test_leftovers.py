@@ -127,7 +127,7 @@ def test_a_stopped_controller_leaves_no_weight_file_pool_folder_or_worker(how):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(__file__), ".."),
                                                        os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-c", _CHILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            text=True)
+                            text=True, preexec_fn=default_signals)
     try:
         line = proc.stdout.readline().split()
         assert line, proc.stderr.read()
@@ -147,6 +147,13 @@ def test_a_stopped_controller_leaves_no_weight_file_pool_folder_or_worker(how):
     while time.monotonic() < deadline and any(_running(int(p)) for p in pids):
         time.sleep(0.1)
     assert not any(_running(int(p)) for p in pids)
+
+
+def default_signals() -> None:
+    """In the child: the signals' default meaning, whatever this test run inherited (nohup ignores SIGHUP,
+    a shell's background job ignores SIGINT); a signal ignored by the user's setup stays ignored by design."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _running(pid: int) -> bool:

@@ -13,6 +13,7 @@ import torch
 from hires_parallel.parallel import submit
 from hires_parallel.parallel.layout import ParallelPlan
 from hires_parallel.parallel.payload import UnshippablePatch, check_worker_importable, referenced_globals
+from support.fake_pack import fake_pack_module
 
 
 # ------------------------------------------------------------------------------- CFG parallel and cfg
@@ -81,29 +82,7 @@ def test_cpu_rank_cap_follows_the_cores_and_the_override(two_cores, monkeypatch)
 # ------------------------------------------------------------------- importable in a worker process
 @pytest.fixture()
 def fake_pack(tmp_path):
-    """A module as ComfyUI loads a custom node pack: named after its folder's path, file under custom_nodes."""
-    folder = tmp_path / "ComfyUI" / "custom_nodes" / "SomePack"
-    folder.mkdir(parents=True)
-    (folder / "ops.py").write_text("# stand-in\n")
-    package = types.ModuleType(str(folder).replace(".", "_x_"))  # ComfyUI: sys.modules[path] = the pack
-    package.__file__, package.__path__ = str(folder / "__init__.py"), [str(folder)]
-    name = package.__name__ + ".ops"  # what the pack's `from .ops import ...` registers
-    mod = types.ModuleType(name)
-    mod.__file__ = str(folder / "ops.py")
-    exec(
-        "class PackCFG:\n"
-        "    def __call__(self, args):\n"
-        "        return args['cond']\n"
-        "def pack_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):\n"
-        "    return x\n"
-        "import torch\n"
-        "class PackConv(torch.nn.Conv2d):\n"
-        "    pass\n",
-        mod.__dict__,
-    )
-    sys.modules[package.__name__], sys.modules[name] = package, mod
-    yield mod
-    del sys.modules[name], sys.modules[package.__name__]
+    yield from fake_pack_module(tmp_path)
 
 
 def test_path_derived_pack_objects_pickle_here_but_are_refused(fake_pack):
