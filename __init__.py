@@ -20,7 +20,7 @@ if __name__ != "hires_parallel" and "hires_parallel" not in sys.modules:
 async def comfy_entrypoint():
     """V3 entry point: ComfyUI calls this to get the extension that lists our nodes."""
     from .nodes import HiResParallelExtension
-    from .parallel import leftovers
+    from .parallel.runtime import leftovers
     from .web_routes import register
 
     # ComfyUI calls this on its main thread, where signal handlers can be set: SIGTERM / SIGHUP then

@@ -11,7 +11,7 @@
     POST /hires_parallel/pool/restart    stop the workers; they start again on the next job
 
 The actions take no parameters: a caller can stop the pool but never choose what is launched. Every change
-is also pushed to the browsers as a "hires_parallel.status" message (parallel/monitor.py).
+is also pushed to the browsers as a "hires_parallel.status" message (parallel/runtime/monitor.py).
 ``register()`` runs from the pack's entry point; it does nothing without a running PromptServer.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ import logging
 import sys
 from typing import Any, Mapping
 
-from .parallel import monitor
-from .parallel.layout import band_alignment
+from .parallel.runtime import monitor
+from .parallel.split.layout import band_alignment
 
 log = logging.getLogger("hires_parallel")
 
@@ -109,7 +109,7 @@ def checkpoint_alignment(name: str) -> int | None:
 def alignment_for(query: Mapping[str, str]) -> dict:
     """The band alignment for a query: ``align`` (explicit), else ``family``, else ``checkpoint`` (read from the
     file's header), else the SD1.x rule with ``known`` False. Always with the rule's answer per family."""
-    from .parallel.layout import LayoutError
+    from .parallel.split.layout import LayoutError
 
     by_family = {f: band_alignment(f) for f in FAMILIES}
     explicit = query.get("align", "")
@@ -135,8 +135,8 @@ def alignment_for(query: Mapping[str, str]) -> dict:
 def layout_for(query: Mapping[str, str]) -> dict:
     """The band split for a node's settings. Raises BadRequest for a malformed query and the pack's own
     input errors (ParallelInputError, LayoutError) for settings that give no layout."""
-    from .parallel import submit
-    from .parallel.layout import LayoutError, ParallelPlan, split_rows
+    from .parallel.runtime import submit
+    from .parallel.split.layout import LayoutError, ParallelPlan, split_rows
 
     height = _int(query, "height", DEFAULT_SIZE, 8, MAX_SIZE)
     width = _int(query, "width", DEFAULT_SIZE, 8, MAX_SIZE)
@@ -215,11 +215,11 @@ async def layout_handler(request):
 
 
 def _stop_pool(free_weights: bool) -> None:
-    from .parallel.pool import shutdown_pool
+    from .parallel.runtime.pool import shutdown_pool
 
     shutdown_pool()  # a running job sees the stop within 0.1 s and fails with a clear message
     if free_weights:
-        from .parallel import submit
+        from .parallel.runtime import submit
 
         submit.close_weight_store()
 

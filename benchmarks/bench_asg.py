@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from hires_parallel.algorithms.asg import structure_steps
     from hires_parallel.nodes.asg import patch_model
-    from hires_parallel.parallel import submit
-    from hires_parallel.parallel.pool import shutdown_pool
-    from hires_parallel.parallel.sampling_job import SamplerSpec
+    from hires_parallel.parallel.runtime import submit
+    from hires_parallel.parallel.runtime.pool import shutdown_pool
+    from hires_parallel.parallel.runtime.sampling_job import SamplerSpec
 
     side = args.native // 8 * args.scale
     latent = torch.zeros(1, 4, side, side)

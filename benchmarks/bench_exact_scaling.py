@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     import comfy.samplers
     import torch
 
-    from hires_parallel.parallel import submit
-    from hires_parallel.parallel.pool import shutdown_pool
-    from hires_parallel.parallel.sampling_job import SamplerSpec
+    from hires_parallel.parallel.runtime import submit
+    from hires_parallel.parallel.runtime.pool import shutdown_pool
+    from hires_parallel.parallel.runtime.sampling_job import SamplerSpec
 
     latent = torch.zeros(1, 4, args.size, args.size)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))

@@ -84,7 +84,7 @@ def sdxl_layers(cfg: dict[str, Any] = SDXL) -> list[tuple]:
 
 
 def _bands(rows: int, n: int, align: int) -> list[tuple[int, int]]:
-    from hires_parallel.parallel.layout import split_rows
+    from hires_parallel.parallel.split.layout import split_rows
 
     return split_rows(rows, n, align)
 
@@ -97,7 +97,7 @@ def analytic_step_bytes(pixels: int, n: int, mode: str, fraction: float = 0.3, g
                         cfg: dict[str, Any] = SDXL) -> dict[str, Any]:
     """Bytes one UNet call (batch 1) sends, per kind, for every rank, with the runtime's counting rules
     (ring all_reduce, padded all_gather, point-to-point halos and windows); ``mode`` exact = displaced."""
-    from hires_parallel.parallel.displaced import window_rows
+    from hires_parallel.parallel.split.displaced import window_rows
 
     rows = cols = pixels // 8
     align = 2 ** (len(cfg["channel_mult"]) - 1)
@@ -184,9 +184,9 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     import comfy.samplers
     from support.tiny_models import build_sd15, build_sdxl, make_conds
 
-    from hires_parallel.parallel import submit
-    from hires_parallel.parallel.pool import shutdown_pool
-    from hires_parallel.parallel.sampling_job import SamplerSpec
+    from hires_parallel.parallel.runtime import submit
+    from hires_parallel.parallel.runtime.pool import shutdown_pool
+    from hires_parallel.parallel.runtime.sampling_job import SamplerSpec
 
     cpus = os.cpu_count() or 1
     rows: list[dict[str, Any]] = []

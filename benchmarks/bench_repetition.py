@@ -10,7 +10,7 @@ The same seeds and prompts ("a <color> <shape>", one subject each) at 1x, 2x and
 * structure guidance: the pack's Structure-Guided HiRes (ASGDiffusion) patch with its defaults, when
   ``hires_parallel.nodes.asg`` exists (the output says whether it was included);
 * parallel <mode>: the relay's second pass (the native pass at 1x) on 2 CPU ranks through the
-  Patch-Parallel runtime, for every mode in ``hires_parallel.parallel.submit.MODES`` with CFG parallel
+  Patch-Parallel runtime, for every mode in ``hires_parallel.parallel.runtime.submit.MODES`` with CFG parallel
   off (so the image is cut into two row bands, which is what the band modes differ in) and their default
   options; PSNR and max error against the same pass on one device.
 
@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     import shapes_model
     from hires_parallel.algorithms.block_noise import relay_noise
     from hires_parallel.nodes.relay import relay_sigmas, relay_upscale
-    from hires_parallel.parallel import submit
-    from hires_parallel.parallel.sampling_job import SamplerSpec
+    from hires_parallel.parallel.runtime import submit
+    from hires_parallel.parallel.runtime.sampling_job import SamplerSpec
 
     try:
         import hires_parallel.nodes.asg as asg
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 model, positive, negative, args.cfg, noise, start, sigmas, SamplerSpec(name=args.sampler), seeds[0],
                 None, ["cpu", "cpu"], cfg_parallel="off", mode=mode), reference=ref)
     if modes:
-        from hires_parallel.parallel.pool import shutdown_pool
+        from hires_parallel.parallel.runtime.pool import shutdown_pool
 
         shutdown_pool()
 

@@ -101,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     from hires_parallel.algorithms.block_noise import relay_noise
     from hires_parallel.embedded import shapes_model
     from hires_parallel.nodes.relay import relay_sigmas, relay_upscale
-    from hires_parallel.parallel import submit
-    from hires_parallel.parallel.pool import shutdown_pool
-    from hires_parallel.parallel.sampling_job import SamplerSpec
+    from hires_parallel.parallel.runtime import submit
+    from hires_parallel.parallel.runtime.pool import shutdown_pool
+    from hires_parallel.parallel.runtime.sampling_job import SamplerSpec
 
     try:
         model, clip, vae = shapes_model.load_shapes_model(args.model or None)

@@ -160,7 +160,7 @@ class _MapRecorder:
     def _share(self) -> None:
         import torch.distributed as dist
 
-        from ..parallel.comm import all_reduce
+        from ..parallel.split.comm import all_reduce
 
         factors = sorted(self.levels)  # every rank records the same layers, so the same levels
         if not factors:

@@ -11,8 +11,8 @@ import comfy.utils
 import latent_preview
 from comfy_api.v0_0_2 import io, ui
 
-from ..parallel import monitor, submit
-from ..parallel.sampling_job import SamplerSpec, sampler_spec
+from ..parallel.runtime import monitor, submit
+from ..parallel.runtime.sampling_job import SamplerSpec, sampler_spec
 
 
 def _parallel_inputs() -> list:
@@ -181,7 +181,7 @@ class HiResParallelPatchParallelGuider(io.ComfyNode):
 
 
 def pool_status_text() -> str:
-    from ..parallel.pool import current_pool
+    from ..parallel.runtime.pool import current_pool
 
     pool = current_pool()
     status = {"pool": pool.status() if pool is not None else {"warm": False, "devices": []},
@@ -228,7 +228,7 @@ class HiResParallelPoolShutdown(io.ComfyNode):
 
     @classmethod
     def execute(cls, trigger: int) -> io.NodeOutput:
-        from ..parallel.pool import shutdown_pool
+        from ..parallel.runtime.pool import shutdown_pool
 
         shutdown_pool()
         submit.close_weight_store()

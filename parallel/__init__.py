@@ -1,1 +1,1 @@
-"""The background process group (pool, worker entry, job protocol) and patch-parallel primitives."""
+"""Multi-device sampling: runtime/ (the background process group) and split/ (how one model call is split)."""

@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from hires_parallel.parallel.layout import split_rows
+from hires_parallel.parallel.split.layout import split_rows
 from support.browser import PACK_FOLDER, REPO_ROOT, is_ours, save_screenshot
 
 TAB = 'button.side-bar-button[aria-label="HiRes Parallel: worker pool"]'

@@ -22,7 +22,7 @@ def one_thread():
 def _stop_pool_after_module():
     """Each module leaves no worker pool behind (the next module may want other devices or settings)."""
     yield
-    from hires_parallel.parallel.pool import shutdown_pool
+    from hires_parallel.parallel.runtime.pool import shutdown_pool
 
     shutdown_pool()
 

@@ -188,7 +188,7 @@ def test_the_mask_is_in_0_1_ignores_special_tokens_and_has_the_latents_layout():
 
 
 def test_patched_model_ships_to_workers_and_the_run_state_stays_home(sd15):
-    from hires_parallel.parallel.payload import check_picklable
+    from hires_parallel.parallel.runtime.payload import check_picklable
 
     patched = _patch(sd15)
     _sample(patched, make_conds(sd15, seed=1), 16, 16, steps=2)
@@ -206,7 +206,7 @@ def _psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def test_parallel_batch_mode_equals_one_device_and_async_is_close(sd15, one_thread):
-    from hires_parallel.parallel import submit
+    from hires_parallel.parallel.runtime import submit
 
     # Tolerances from the measured float noise of each one-device path (support/float_noise.py), not a constant.
     conds = make_conds(sd15, seed=1)
@@ -234,7 +234,7 @@ def test_parallel_batch_mode_equals_one_device_and_async_is_close(sd15, one_thre
 
 def test_clear_errors(sd15):
     from hires_parallel.algorithms.asg import ASGInputError
-    from hires_parallel.parallel.submit import ParallelInputError
+    from hires_parallel.parallel.runtime.submit import ParallelInputError
 
     conds = make_conds(sd15, seed=1)
     patched = _patch(sd15)

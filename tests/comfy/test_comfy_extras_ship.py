@@ -28,14 +28,14 @@ def path_loaded(comfy_root):
     spec.loader.exec_module(module)
     yield module
     sys.modules.pop(name, None)
-    from hires_parallel.parallel.pool import shutdown_pool
+    from hires_parallel.parallel.runtime.pool import shutdown_pool
 
     shutdown_pool()
 
 
 def test_path_named_comfy_extras_objects_pickle_under_their_importable_name(path_loaded, comfy_root):
-    from hires_parallel.parallel.payload import check_worker_importable
-    from hires_parallel.parallel.pool import comfy_extras_name, dumps_job
+    from hires_parallel.parallel.runtime.payload import check_worker_importable
+    from hires_parallel.parallel.runtime.pool import comfy_extras_name, dumps_job
 
     fn = path_loaded.sample_euler_pp
     assert "/" in fn.__module__ and comfy_extras_name(fn.__module__) == "comfy_extras.nodes_advanced_samplers"

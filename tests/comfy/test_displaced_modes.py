@@ -172,7 +172,7 @@ def _band_heights(bands: list[tuple[int, int]], f: int) -> list[int]:
 def expected_step_bytes(shapes: list[tuple], bands: list[tuple[int, int]], rank: int, mode: str,
                         stale: bool, groupnorm: str, fraction: float, h: int, w: int) -> dict[str, tuple[int, int]]:
     """{kind: (sent, received)} of one UNet call of this rank, from the single-device layer shapes."""
-    from hires_parallel.parallel.displaced import window_rows
+    from hires_parallel.parallel.split.displaced import window_rows
 
     n, f4, f8 = len(bands), 4, 8
     first, last = rank == 0, rank == n - 1
@@ -230,7 +230,7 @@ def test_comm_counters_match_the_layer_shapes(runs, one_thread) -> None:
 
 
 def test_partial_kv_bytes_below_displaced_by_the_window_ratio(runs) -> None:
-    from hires_parallel.parallel.displaced import window_rows
+    from hires_parallel.parallel.split.displaced import window_rows
 
     for world, pair in ((2, ("displaced", "partial")), (3, ("displaced", "partial")),
                         (3, ("sdxl displaced corrected-gn", "sdxl partial"))):
@@ -259,8 +259,8 @@ def test_partial_kv_bytes_below_displaced_by_the_window_ratio(runs) -> None:
 def test_memory_plan_walks_the_real_unets() -> None:
     """parallel/memory_plan.unet_layout lists the same self-attention layers and levels as the band hooks
     (unet_parallel._unet_levels), with the K/V channels of each."""
-    from hires_parallel.parallel import memory_plan as mp
-    from hires_parallel.parallel.unet_parallel import _unet_levels
+    from hires_parallel.parallel.split import memory_plan as mp
+    from hires_parallel.parallel.split.unet_parallel import _unet_levels
 
     for base in (dc.SD15_8, dc.SDXL_46):
         unet = uc.build_model(base).model.diffusion_model
@@ -276,7 +276,7 @@ def test_memory_plan_walks_the_real_unets() -> None:
 def test_preflight_refuses_a_plan_that_cannot_fit_before_any_work(monkeypatch) -> None:
     """CUDA devices with too little free memory (torch.cuda.mem_get_info faked): run_sampling stops in
     preflight with the estimate, the free memory and what to change; nothing is shipped or started."""
-    from hires_parallel.parallel import submit
+    from hires_parallel.parallel.runtime import submit
     from support import tiny_models as tm
 
     model = uc.build_model(dc.SD15_8)

@@ -61,8 +61,8 @@ def _shm_free_gib() -> float:
 
 
 def _free_pool() -> None:
-    from hires_parallel.parallel import submit
-    from hires_parallel.parallel.pool import shutdown_pool
+    from hires_parallel.parallel.runtime import submit
+    from hires_parallel.parallel.runtime.pool import shutdown_pool
 
     shutdown_pool()  # the workers hold a copy of the weights each
     submit.close_weight_store()  # and the 3.4 GB weight file in /dev/shm
@@ -74,7 +74,7 @@ def _map_weights_onto_the_weight_file(model) -> bool:
     written), so that this process and /dev/shm share one copy of the 3.4 GB instead of two. The run then
     finds the file already written (same base key). False, and nothing changed, if the weight store's
     interface is not the one this expects."""
-    from hires_parallel.parallel import payload, submit
+    from hires_parallel.parallel.runtime import payload, submit
 
     try:
         key = payload.base_key(model)
@@ -116,7 +116,7 @@ def test_full_size_sd15_two_ranks_equals_stock_ksampler(full_model, one_thread) 
     import nodes
 
     from hires_parallel.nodes.parallel_sampler import HiResParallelPatchParallelKSampler
-    from hires_parallel.parallel import submit
+    from hires_parallel.parallel.runtime import submit
     from support import tiny_models as tm
 
     model = full_model

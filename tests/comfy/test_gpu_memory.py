@@ -19,7 +19,7 @@ def calls(comfy_root, monkeypatch):
 
 
 def test_controller_unloads_only_when_a_worker_shares_its_gpu(calls, monkeypatch):
-    from hires_parallel.parallel import pool, submit
+    from hires_parallel.parallel.runtime import pool, submit
 
     monkeypatch.setattr(pool, "comfy_gpu", lambda: "cuda:0")
     assert submit.free_comfy_gpu(["cuda:0", "cuda:1"]) and calls == ["unload", "empty_cache(force=False)"]
@@ -30,13 +30,13 @@ def test_controller_unloads_only_when_a_worker_shares_its_gpu(calls, monkeypatch
 
 
 def test_real_comfy_gpu_reading(comfy_root):
-    from hires_parallel.parallel import pool
+    from hires_parallel.parallel.runtime import pool
 
     assert pool.comfy_gpu() is None  # this test process runs ComfyUI with --cpu
 
 
 def test_workers_release_memory_after_each_job(calls, monkeypatch):
-    from hires_parallel.parallel import worker
+    from hires_parallel.parallel.runtime import worker
 
     gpu = types.SimpleNamespace(type="cuda")
     monkeypatch.delenv("HIRES_PARALLEL_OFFLOAD_AFTER_JOB", raising=False)

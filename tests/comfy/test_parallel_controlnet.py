@@ -58,7 +58,7 @@ def _compare(label, a, b):
 
 
 def _loads(key):
-    from hires_parallel.parallel import submit
+    from hires_parallel.parallel.runtime import submit
 
     return [r[key] for r in submit.LAST_RUN["ranks"]]
 
@@ -105,7 +105,7 @@ def test_second_job_does_not_reload_the_control_model(sd15, controlnet):
 def test_unshippable_controls_are_refused_before_any_work(sd15, controlnet):
     import comfy.controlnet
 
-    from hires_parallel.parallel.payload import UnshippablePatch
+    from hires_parallel.parallel.runtime.payload import UnshippablePatch
 
     custom = controlnet.copy()
     custom.preprocess_image = lambda a: a * 2.0 - 1.0

@@ -68,7 +68,7 @@ def test_lora_and_cfg_parallel_and_sdxl():
 
 
 def test_three_cpu_devices_with_device_weights(sd15):
-    from hires_parallel.parallel import submit
+    from hires_parallel.parallel.runtime import submit
 
     conds = make_conds(sd15, seed=1)
     latent = _latent(52, 24)
@@ -80,7 +80,7 @@ def test_three_cpu_devices_with_device_weights(sd15):
 
 
 def test_batch_mode_shares_a_batch_of_images_over_devices(sd15):
-    from hires_parallel.parallel import submit
+    from hires_parallel.parallel.runtime import submit
 
     conds = make_conds(sd15, seed=1)
     latent = {"samples": torch.zeros(3, 4, 24, 24)}  # 3 images x (cond, uncond) = 6 per call over 2 devices
@@ -109,8 +109,8 @@ def test_guider_in_sampler_custom_advanced_with_block_noise(sd15):
 
 
 def test_second_job_reuses_the_cached_model_and_pool(sd15):
-    from hires_parallel.parallel import submit
-    from hires_parallel.parallel.pool import current_pool
+    from hires_parallel.parallel.runtime import submit
+    from hires_parallel.parallel.runtime.pool import current_pool
 
     conds = make_conds(sd15, seed=1)
     t0 = time.perf_counter()
@@ -159,8 +159,8 @@ def test_cancel_stops_the_workers_and_the_next_job_runs(sd15):
 
 def test_killed_worker_gives_a_clear_error_and_the_pool_recovers(sd15):
     import comfy.utils
-    from hires_parallel.parallel.pool import current_pool
-    from hires_parallel.parallel.protocol import WorkerDied
+    from hires_parallel.parallel.runtime.pool import current_pool
+    from hires_parallel.parallel.runtime.protocol import WorkerDied
 
     conds = make_conds(sd15, seed=1)
     _parallel(sd15, conds, _latent(32, 32))  # warm
@@ -185,9 +185,9 @@ def test_killed_worker_gives_a_clear_error_and_the_pool_recovers(sd15):
 
 
 def test_bad_input_is_refused_before_any_work(sd15):
-    from hires_parallel.parallel.payload import UnshippablePatch
-    from hires_parallel.parallel.submit import ParallelInputError
-    from hires_parallel.parallel.unet_parallel import UnsupportedModel
+    from hires_parallel.parallel.runtime.payload import UnshippablePatch
+    from hires_parallel.parallel.runtime.submit import ParallelInputError
+    from hires_parallel.parallel.split.unet_parallel import UnsupportedModel
     from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
 
     conds = make_conds(sd15, seed=1)
@@ -202,7 +202,7 @@ def test_bad_input_is_refused_before_any_work(sd15):
     lam.set_model_sampler_cfg_function(lambda args: args["cond"])  # a closure: cannot be pickled
     with pytest.raises(UnshippablePatch, match="sampler_cfg_function"):
         _parallel(lam, conds, _latent())
-    from hires_parallel.parallel.pool import current_pool
+    from hires_parallel.parallel.runtime.pool import current_pool
 
     pool = current_pool()
     assert pool is None or pool.status().get("last_error") in (None, "")
@@ -248,7 +248,7 @@ def test_displaced_and_partial_modes_through_the_pool_with_per_step_accounting(s
 
 
 def test_mode_options_are_checked_before_any_work(sd15):
-    from hires_parallel.parallel.submit import ParallelInputError
+    from hires_parallel.parallel.runtime.submit import ParallelInputError
 
     conds = make_conds(sd15, seed=1)
     for bad, match in ((dict(partial_fraction=1.5), "partial_fraction must be between 0 and 1"),

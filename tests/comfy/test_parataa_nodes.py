@@ -211,14 +211,14 @@ def test_scheduled_hook_keyframes_are_refused_and_plain_hooks_pass():
 @pytest.fixture(scope="module")
 def _pool_cleanup():
     yield
-    from hires_parallel.parallel.pool import shutdown_pool
+    from hires_parallel.parallel.runtime.pool import shutdown_pool
 
     shutdown_pool()
 
 
 def test_through_the_patch_parallel_guider_two_cpu_ranks_equal_one(sd15, _pool_cleanup):
     from hires_parallel.nodes.parallel_sampler import HiResParallelPatchParallelGuider
-    from hires_parallel.parallel import submit
+    from hires_parallel.parallel.runtime import submit
 
     conds = make_conds(sd15, seed=1)
     sigmas = _sigmas(sd15)

@@ -30,7 +30,7 @@ def _compare(label, a, b):
 
 
 def _no_pool():
-    from hires_parallel.parallel.pool import current_pool, shutdown_pool
+    from hires_parallel.parallel.runtime.pool import current_pool, shutdown_pool
 
     shutdown_pool()
     assert current_pool() is None
@@ -39,7 +39,7 @@ def _no_pool():
 # ------------------------------------------------------------------------------- cfg 1: bands, not halves
 def test_cfg_1_with_auto_splits_bands_over_both_devices(sd15):
     import nodes
-    from hires_parallel.parallel import submit
+    from hires_parallel.parallel.runtime import submit
 
     conds = make_conds(sd15, seed=1)
     latent = {"samples": torch.zeros(1, 4, 40, 32)}
@@ -51,8 +51,8 @@ def test_cfg_1_with_auto_splits_bands_over_both_devices(sd15):
 
 
 def test_cfg_1_with_cfg_parallel_on_is_refused_before_any_work(sd15):
-    from hires_parallel.parallel import submit
-    from hires_parallel.parallel.pool import current_pool
+    from hires_parallel.parallel.runtime import submit
+    from hires_parallel.parallel.runtime.pool import current_pool
 
     _no_pool()
     with pytest.raises(submit.ParallelInputError, match="cfg 1 has no negative pass.*use auto or off"):
@@ -64,7 +64,7 @@ def test_guider_decides_at_sample_time_with_the_cfg_set_last(sd15):
     from comfy_extras.nodes_custom_sampler import CFGGuider, KSamplerSelect, SamplerCustomAdvanced
     from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
     from hires_parallel.nodes.parallel_sampler import HiResParallelPatchParallelGuider
-    from hires_parallel.parallel import submit
+    from hires_parallel.parallel.runtime import submit
 
     conds = make_conds(sd15, seed=1)
     latent = {"samples": torch.zeros(1, 4, 32, 32)}
@@ -86,8 +86,8 @@ def fake_pack(tmp_path):
 
 
 def test_a_cfg_function_of_another_pack_is_refused_before_any_worker_starts(sd15, fake_pack):
-    from hires_parallel.parallel.payload import UnshippablePatch
-    from hires_parallel.parallel.pool import current_pool
+    from hires_parallel.parallel.runtime.payload import UnshippablePatch
+    from hires_parallel.parallel.runtime.pool import current_pool
 
     _no_pool()
     model = sd15.clone()
@@ -103,8 +103,8 @@ def test_a_sampler_of_another_pack_is_refused_before_any_worker_starts(sd15, fak
     import comfy.samplers
     from comfy_extras.nodes_custom_sampler import KSamplerSelect, Noise_RandomNoise, SamplerCustomAdvanced
     from hires_parallel.nodes.parallel_sampler import HiResParallelPatchParallelGuider
-    from hires_parallel.parallel.payload import UnshippablePatch, check_model_importable, check_worker_importable
-    from hires_parallel.parallel.pool import current_pool
+    from hires_parallel.parallel.runtime.payload import UnshippablePatch, check_model_importable, check_worker_importable
+    from hires_parallel.parallel.runtime.pool import current_pool
 
     _no_pool()
     conds = make_conds(sd15, seed=1)
@@ -123,8 +123,8 @@ def test_a_sampler_of_another_pack_is_refused_before_any_worker_starts(sd15, fak
 def test_cpu_rank_cap_through_the_node_starts_nothing(sd15, monkeypatch):
     import os
 
-    from hires_parallel.parallel import submit
-    from hires_parallel.parallel.pool import current_pool
+    from hires_parallel.parallel.runtime import submit
+    from hires_parallel.parallel.runtime.pool import current_pool
 
     _no_pool()
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
@@ -172,7 +172,7 @@ def _conv_as(cls):
 
 def test_custom_conv_classes_are_refused_with_their_name(sd15):
     import comfy.ops
-    from hires_parallel.parallel.unet_parallel import UnsupportedModel, check_band_parallel_support
+    from hires_parallel.parallel.split.unet_parallel import UnsupportedModel, check_band_parallel_support
 
     class OwnForwardConv(comfy.ops.disable_weight_init.Conv2d):
         def forward(self, x):
@@ -235,7 +235,7 @@ def test_custom_conv_classes_are_refused_with_their_name(sd15):
 
 def test_comfy_ops_layers_are_accepted(sd15):
     import comfy.ops
-    from hires_parallel.parallel.unet_parallel import check_band_parallel_support
+    from hires_parallel.parallel.split.unet_parallel import check_band_parallel_support
 
     check_band_parallel_support(sd15)
     kinds = [comfy.ops.disable_weight_init.Conv2d, comfy.ops.manual_cast.Conv2d, comfy.ops.fp8_ops.Conv2d,

@@ -12,7 +12,7 @@ from support.tiny_models import build_sdxl, make_conds
 
 @pytest.fixture()
 def panel():
-    from hires_parallel.parallel import monitor
+    from hires_parallel.parallel.runtime import monitor
 
     events: list[dict] = []
     monitor.set_sink(lambda name, data: events.append(json.loads(json.dumps(data))))
@@ -22,7 +22,7 @@ def panel():
     yield monitor, events
     monitor.set_sink(None)
     monitor.LAST_ERROR.clear()
-    from hires_parallel.parallel.pool import shutdown_pool
+    from hires_parallel.parallel.runtime.pool import shutdown_pool
 
     shutdown_pool()
 
@@ -74,8 +74,8 @@ def test_a_refusal_inside_the_run_is_reported_once(panel, sd15):
 
 def test_sdxl_1024_on_3_devices_the_run_splits_44_40_44_like_the_overlay(monkeypatch):
     from hires_parallel import web_routes
-    from hires_parallel.parallel import submit
-    from hires_parallel.parallel.layout import band_alignment, split_rows
+    from hires_parallel.parallel.runtime import submit
+    from hires_parallel.parallel.split.layout import band_alignment, split_rows
 
     xl = build_sdxl(seed=0)
     seen = []

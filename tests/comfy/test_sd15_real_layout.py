@@ -53,7 +53,7 @@ def reference(c: dict[str, Any], dtype: torch.dtype | None = None) -> torch.Tens
 
 
 def test_model_has_the_real_sd15_layout() -> None:
-    from hires_parallel.parallel.unet_parallel import _unet_levels
+    from hires_parallel.parallel.split.unet_parallel import _unet_levels
 
     model = tm.build_sd15_real_layout(0)
     unet = model.model.diffusion_model
@@ -157,8 +157,8 @@ def test_patch_parallel_ksampler_node_on_the_real_layout(one_thread) -> None:
     import nodes
 
     from hires_parallel.nodes.parallel_sampler import HiResParallelPatchParallelKSampler
-    from hires_parallel.parallel import submit
-    from hires_parallel.parallel.pool import shutdown_pool
+    from hires_parallel.parallel.runtime import submit
+    from hires_parallel.parallel.runtime.pool import shutdown_pool
 
     model = tm.make_lora_patches(tm.build_sd15_real_layout(0), uc.LORA_SEED)
     positive, negative = tm.make_conds(model, 1)

@@ -15,7 +15,7 @@ from support.tiny_models import build_sd15, make_conds
 @pytest.fixture(autouse=True)
 def _pool_stopped_after():
     yield
-    from hires_parallel.parallel.pool import shutdown_pool
+    from hires_parallel.parallel.runtime.pool import shutdown_pool
 
     shutdown_pool()
 
@@ -25,13 +25,13 @@ def test_workers_map_the_weight_file_instead_of_copying_it(comfy_root):
     import nodes
 
     from hires_parallel.nodes.parallel_sampler import HiResParallelPatchParallelKSampler
-    from hires_parallel.parallel.pool import current_pool
+    from hires_parallel.parallel.runtime.pool import current_pool
 
     model = build_sd15(seed=2, model_channels=128)  # about 100 MB of fp32 weights: visible against the rest
     weights = sum(t.numel() * t.element_size() for t in model.model.state_dict().values())
     conds = make_conds(model, seed=1)
     latent = {"samples": torch.zeros(1, 4, 16, 16)}
-    from hires_parallel.parallel.pool import get_pool
+    from hires_parallel.parallel.runtime.pool import get_pool
     from support.pool_jobs import ComfySettingsJob, WeightBackingJob
 
     get_pool(["cpu", "cpu"]).run(ComfySettingsJob())  # workers with ComfyUI imported, no model yet

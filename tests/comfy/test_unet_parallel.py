@@ -1,4 +1,4 @@
-"""Exact patch parallelism of ComfyUI UNets (parallel/unet_parallel.py) against single-device ComfyUI.
+"""Exact patch parallelism of ComfyUI UNets (parallel/split/unet_parallel.py) against single-device ComfyUI.
 
 Spawned gloo runs (2, 3 and 4 ranks; tests/support/unet_parallel_cases.py) apply ``apply_band_parallel``
 to the tiny SD1.5 / SDXL models and run ComfyUI's own sampler loop; this process runs the plain
@@ -134,14 +134,14 @@ def test_comm_stats_per_call(runs) -> None:
 
 # ---------------------------------------------------------------------------------------- world size 1
 def _one_rank_runtime():
-    from hires_parallel.parallel.layout import ParallelPlan
-    from hires_parallel.parallel.unet_parallel import BandParallelRuntime
+    from hires_parallel.parallel.split.layout import ParallelPlan
+    from hires_parallel.parallel.split.unet_parallel import BandParallelRuntime
 
     return BandParallelRuntime(ParallelPlan(1), 0, uc.ALIGN)
 
 
 def test_world_size_one_same_code_path(one_thread) -> None:
-    from hires_parallel.parallel.unet_parallel import active_band, apply_band_parallel
+    from hires_parallel.parallel.split.unet_parallel import active_band, apply_band_parallel
 
     assert not (dist.is_available() and dist.is_initialized())
     plain = uc.case("w1 sd15 euler conv-lora 40x36", "sd15", "euler", 40, 36)
@@ -196,7 +196,7 @@ def _snapshot(model) -> dict[str, Any]:
 def test_original_model_untouched(one_thread) -> None:
     import comfy.patcher_extension
 
-    from hires_parallel.parallel.unet_parallel import WRAPPER_KEY, apply_band_parallel
+    from hires_parallel.parallel.split.unet_parallel import WRAPPER_KEY, apply_band_parallel
 
     c = uc.case("w1 sd15 euler lora attn2 40x32", "sd15", "euler", 40, 32, lora="full", attn2=True)
     model = uc.build_model(c)
@@ -218,8 +218,8 @@ def test_original_model_untouched(one_thread) -> None:
 
 # ---------------------------------------------------------------------------------------- unit checks
 def test_control_residuals_sliced_per_band() -> None:
-    from hires_parallel.parallel.layout import split_rows
-    from hires_parallel.parallel.unet_parallel import band_rows, slice_control
+    from hires_parallel.parallel.split.layout import split_rows
+    from hires_parallel.parallel.split.unet_parallel import band_rows, slice_control
 
     height, width, batch = 42, 6, 4
     bands = split_rows(height, 3, uc.ALIGN)
@@ -262,8 +262,8 @@ def test_control_residuals_sliced_per_band() -> None:
 def test_band_modules_are_the_same_modules() -> None:
     """Twins share the original's state (weights set by name land in both) and, while a band is
     active, use the weights ComfyUI's own forward would use (cast / weight_function / bias_function)."""
-    from hires_parallel.parallel.comm import BandGroup
-    from hires_parallel.parallel.unet_parallel import _band_active, _band_module
+    from hires_parallel.parallel.split.comm import BandGroup
+    from hires_parallel.parallel.split.unet_parallel import _band_active, _band_module
 
     unet = tm.build_sd15(0).model.diffusion_model
     conv = unet.input_blocks[1][0].in_layers[2]
@@ -313,7 +313,7 @@ def test_support_check_errors() -> None:
     from comfy_extras.nodes_freelunch import FreeU
     from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
 
-    from hires_parallel.parallel.unet_parallel import (
+    from hires_parallel.parallel.split.unet_parallel import (
         UnsupportedModel,
         apply_band_parallel,
         check_band_parallel_support,
@@ -355,8 +355,8 @@ def test_support_check_errors() -> None:
 
 
 def test_apply_rejects_misuse() -> None:
-    from hires_parallel.parallel.layout import LayoutError, ParallelPlan
-    from hires_parallel.parallel.unet_parallel import BandParallelRuntime, apply_band_parallel
+    from hires_parallel.parallel.split.layout import LayoutError, ParallelPlan
+    from hires_parallel.parallel.split.unet_parallel import BandParallelRuntime, apply_band_parallel
 
     base = tm.build_sd15(0)
     with pytest.raises(LayoutError, match="multiple of 4"):

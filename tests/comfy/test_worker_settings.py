@@ -1,4 +1,4 @@
-"""Workers run with the controller's ComfyUI settings (parallel/host_args.py): a flag set in the
+"""Workers run with the controller's ComfyUI settings (parallel/runtime/host_args.py): a flag set in the
 controller reaches every rank, and exact mode still equals one device when the attention backend is not
 ComfyUI's CPU default (sub-quadratic) but the controller's --use-pytorch-cross-attention."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ from support.tiny_models import build_sd15, make_conds
 
 @pytest.fixture(autouse=True)
 def _fresh_pools():
-    from hires_parallel.parallel.pool import shutdown_pool
+    from hires_parallel.parallel.runtime.pool import shutdown_pool
 
     shutdown_pool()
     yield
@@ -21,7 +21,7 @@ def _fresh_pools():
 
 
 def _settings(devices=("cpu", "cpu")) -> list[dict]:
-    from hires_parallel.parallel.pool import get_pool
+    from hires_parallel.parallel.runtime.pool import get_pool
 
     return get_pool(list(devices)).run(ComfySettingsJob()).value
 
@@ -45,7 +45,7 @@ def test_exact_mode_equals_one_device_with_the_pytorch_attention_backend(comfy_r
     import nodes
 
     from hires_parallel.nodes.parallel_sampler import HiResParallelPatchParallelKSampler
-    from hires_parallel.parallel import submit
+    from hires_parallel.parallel.runtime import submit
 
     # The controller as ComfyUI started with --use-pytorch-cross-attention would be.
     monkeypatch.setattr(comfy.cli_args.args, "use_pytorch_cross_attention", True)

@@ -7,9 +7,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from hires_parallel.parallel.band_ops import band_conv2d, band_group_norm, band_kv, band_slice
-from hires_parallel.parallel.comm import BandGroup, CommStats, gather_batch
-from hires_parallel.parallel.layout import ParallelPlan, split_rows
+from hires_parallel.parallel.split.band_ops import band_conv2d, band_group_norm, band_kv, band_slice
+from hires_parallel.parallel.split.comm import BandGroup, CommStats, gather_batch
+from hires_parallel.parallel.split.layout import ParallelPlan, split_rows
 
 TOL = 1e-5
 SPAWN_TIMEOUT_S = 120

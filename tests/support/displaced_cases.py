@@ -125,7 +125,7 @@ def probe(model: Any, r: dict[str, Any]) -> torch.Tensor:
 
 
 def stale_options(r: dict[str, Any]):
-    from hires_parallel.parallel.displaced import StaleOptions
+    from hires_parallel.parallel.split.displaced import StaleOptions
 
     if r["mode"] == "exact":
         return None
@@ -169,8 +169,8 @@ def layer_shapes(model: Any, r: dict[str, Any]) -> list[tuple]:
 
 
 def run_parallel(rank: int, world: int, r: dict[str, Any]) -> dict[str, Any]:
-    from hires_parallel.parallel.layout import ParallelPlan
-    from hires_parallel.parallel.unet_parallel import BandParallelRuntime, apply_band_parallel
+    from hires_parallel.parallel.split.layout import ParallelPlan
+    from hires_parallel.parallel.split.unet_parallel import BandParallelRuntime, apply_band_parallel
 
     c = r["base"]
     runtime = BandParallelRuntime(ParallelPlan(world), rank, uc.ALIGN, None, stale=stale_options(r))

@@ -9,7 +9,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from hires_parallel.parallel.protocol import Job, WorkerContext
+from hires_parallel.parallel.runtime.protocol import Job, WorkerContext
 
 
 class UserFacingError(Exception):

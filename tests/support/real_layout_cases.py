@@ -49,8 +49,8 @@ def build_model(c: dict[str, Any], dtype: torch.dtype | None = None) -> Any:
 
 
 def run_parallel(rank: int, world: int, c: dict[str, Any]) -> dict[str, Any]:
-    from hires_parallel.parallel.layout import ParallelPlan
-    from hires_parallel.parallel.unet_parallel import BandParallelRuntime, apply_band_parallel
+    from hires_parallel.parallel.split.layout import ParallelPlan
+    from hires_parallel.parallel.split.unet_parallel import BandParallelRuntime, apply_band_parallel
 
     runtime = BandParallelRuntime(ParallelPlan(world, c["cfg_parallel"]), rank, ALIGN, c["weights"])
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hires_parallel.parallel import comm
+from hires_parallel.parallel.split import comm
 from support import band_ops_cases as bc
 from support import stale_engine_cases as sc
 

@@ -1,4 +1,4 @@
-"""Rank side of tests/unit/test_stale_engine.py: the displaced / partial machinery (parallel/displaced.py)
+"""Rank side of tests/unit/test_stale_engine.py: the displaced / partial machinery (parallel/split/displaced.py)
 driven directly with synthetic tensors whose values say where they came from.
 
 Every value is ``1000 * step + global row`` (conv, GroupNorm inputs) or ``1000 * step + global token``
@@ -33,10 +33,10 @@ def tokens(step: int, rows: tuple[int, int], width: int = WIDTH) -> torch.Tensor
 
 
 def engine_world(rank: int, world: int) -> dict[str, Any]:
-    from hires_parallel.parallel.band_ops import band_conv_geometry
-    from hires_parallel.parallel.comm import BandGroup, CommStats
-    from hires_parallel.parallel.displaced import StaleEngine, StaleOptions
-    from hires_parallel.parallel.layout import split_rows
+    from hires_parallel.parallel.split.band_ops import band_conv_geometry
+    from hires_parallel.parallel.split.comm import BandGroup, CommStats
+    from hires_parallel.parallel.split.displaced import StaleEngine, StaleOptions
+    from hires_parallel.parallel.split.layout import split_rows
 
     bands = split_rows(ROWS, world, 2)
     out: dict[str, Any] = {"bands": bands}
@@ -119,10 +119,10 @@ def kept_world(rank: int, world: int) -> dict[str, Any]:
     and one GroupNorm (halo / GroupNorm state only). Points: "record" (after the exact step 0),
     "switch" (inside step 1 after begin_call, before the layer ran: the warmup switch), "switch read"
     (step 1 after its layer ran), "stale" (after step 1), "stale 2" (after step 2)."""
-    from hires_parallel.parallel.band_ops import band_conv_geometry
-    from hires_parallel.parallel.comm import BandGroup
-    from hires_parallel.parallel.displaced import StaleEngine, StaleOptions
-    from hires_parallel.parallel.layout import split_rows
+    from hires_parallel.parallel.split.band_ops import band_conv_geometry
+    from hires_parallel.parallel.split.comm import BandGroup
+    from hires_parallel.parallel.split.displaced import StaleEngine, StaleOptions
+    from hires_parallel.parallel.split.layout import split_rows
 
     bands = split_rows(ROWS, world, 2)
     heights = [e - s for s, e in bands]
@@ -164,7 +164,7 @@ def kv_formula(world: int, rank: int, bands: list[tuple[int, int]], mode: str, f
     K/V it will read next step (displaced: every other band; partial: the window of each neighbour),
     "send" = its own fresh K/V in flight to the others (displaced: its band; partial: its two edge
     windows, one per neighbour)."""
-    from hires_parallel.parallel.displaced import window_rows
+    from hires_parallel.parallel.split.displaced import window_rows
 
     per_row = batch * WIDTH * 2 * d * itemsize
     heights = [e - s for s, e in bands]

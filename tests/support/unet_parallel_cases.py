@@ -170,8 +170,8 @@ def sample_case(model: Any, c: dict[str, Any]) -> torch.Tensor:
 
 def run_parallel(rank: int, world: int, c: dict[str, Any]) -> dict[str, Any]:
     """One case on this rank: band-parallel clone, same sampling loop; output and comm record."""
-    from hires_parallel.parallel.layout import ParallelPlan
-    from hires_parallel.parallel.unet_parallel import BandParallelRuntime, apply_band_parallel
+    from hires_parallel.parallel.split.layout import ParallelPlan
+    from hires_parallel.parallel.split.unet_parallel import BandParallelRuntime, apply_band_parallel
 
     runtime = BandParallelRuntime(ParallelPlan(world, c["cfg_parallel"]), rank, ALIGN, c["weights"])
     try:

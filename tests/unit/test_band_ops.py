@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hires_parallel.parallel.band_ops import band_conv2d, band_slice, conv_halo_rows
-from hires_parallel.parallel.comm import BandGroup, CommStats, gather_batch
+from hires_parallel.parallel.split.band_ops import band_conv2d, band_slice, conv_halo_rows
+from hires_parallel.parallel.split.comm import BandGroup, CommStats, gather_batch
 from support.band_ops_cases import *  # noqa: F401,F403  (data builders and rank workers)
 from support.band_ops_cases import _worker_2, _worker_3
 from support.gloo import spawn_run

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hires_parallel import web_routes
-from hires_parallel.parallel.layout import LayoutError, band_alignment, split_rows
+from hires_parallel.parallel.split.layout import LayoutError, band_alignment, split_rows
 
 SDXL_KEYS = [f"model.diffusion_model.input_blocks.{i}.0.{'op' if i in (3, 6) else 'in_layers'}.weight"
              for i in range(9)] + ["conditioner.embedders.1.model.ln_final.weight"]

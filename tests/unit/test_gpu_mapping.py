@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hires_parallel.parallel import pool as pool_module
-from hires_parallel.parallel import submit, worker
+from hires_parallel.parallel.runtime import pool as pool_module
+from hires_parallel.parallel.runtime import submit, worker
 
 
 def _fake_gpus(monkeypatch, n: int, comfys: str | None = "cuda:0") -> None:

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hires_parallel.parallel import comm, worker
+from hires_parallel.parallel.split import comm
+from hires_parallel.parallel.runtime import worker
 from support import staging_cases
 from support.gloo import spawn_run
 

@@ -16,8 +16,8 @@ from collections import namedtuple
 import pytest
 import torch
 
-from hires_parallel.parallel import leftovers, payload
-from hires_parallel.parallel.payload import NoRoomForWeights, WeightStore
+from hires_parallel.parallel.runtime import leftovers, payload
+from hires_parallel.parallel.runtime.payload import NoRoomForWeights, WeightStore
 
 Usage = namedtuple("Usage", "total used free")
 GB = 2**30
@@ -94,7 +94,7 @@ def test_sweep_removes_folders_of_dead_processes_only(tmp_path):
 
 
 def test_pool_rebuild_removes_the_old_pools_weight_files():
-    from hires_parallel.parallel import submit
+    from hires_parallel.parallel.runtime import submit
 
     submit.close_weight_store()
     a, b = object(), object()
@@ -108,14 +108,14 @@ def test_pool_rebuild_removes_the_old_pools_weight_files():
 
 _CHILD = textwrap.dedent("""
     import os, sys, time, torch
-    from hires_parallel.parallel.payload import WeightStore
-    from hires_parallel.parallel.pool import WorkerPool
+    from hires_parallel.parallel.runtime.payload import WeightStore
+    from hires_parallel.parallel.runtime.pool import WorkerPool
     from support.pool_jobs import RankSumJob
     store = WeightStore()
     path = store.file_for_data("k", lambda: {"w": torch.zeros(1000)}, "base")
     pool = WorkerPool(["cpu", "cpu"], threads_per_worker=1)
     assert pool.run(RankSumJob()).value["sum"] == 1
-    from hires_parallel.parallel import pool as pool_module
+    from hires_parallel.parallel.runtime import pool as pool_module
     pool_module._pool = pool  # the registry's pool, as get_pool makes it
     print(path, pool._tmpdir, *pool.pids, flush=True)
     time.sleep(120)

@@ -7,7 +7,7 @@ import os
 
 import psutil
 
-from hires_parallel.parallel.pool import WorkerPool
+from hires_parallel.parallel.runtime.pool import WorkerPool
 from support.pool_jobs import RankSumJob
 
 

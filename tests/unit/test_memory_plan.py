@@ -1,4 +1,4 @@
-"""The per-device memory estimate of a parallel plan (parallel/memory_plan.py) and the preflight refusal.
+"""The per-device memory estimate of a parallel plan (parallel/split/memory_plan.py) and the preflight refusal.
 
 No ComfyUI: UNet layouts are written out or walked from a small module tree shaped like openaimodel's
 (the comfy layer walks a real UNet: tests/comfy/test_displaced_modes.py). The stale part of the estimate
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hires_parallel.parallel import memory_plan as mp
-from hires_parallel.parallel.layout import split_rows
+from hires_parallel.parallel.split import memory_plan as mp
+from hires_parallel.parallel.split.layout import split_rows
 from support import stale_engine_cases as sc
 
 # SD1.5-like: attention at factors 1, 2, 4 (two layers each on the way down, three up), 320/640/1280 channels.
@@ -203,7 +203,7 @@ class Plan:
 
 
 def test_preflight_memory_refuses_small_cuda_devices(monkeypatch) -> None:
-    from hires_parallel.parallel.submit import ParallelInputError
+    from hires_parallel.parallel.runtime.submit import ParallelInputError
 
     asked = []
 

@@ -9,8 +9,8 @@ import types
 
 import torch
 
-from hires_parallel.parallel import payload
-from hires_parallel.parallel.payload import base_key
+from hires_parallel.parallel.runtime import payload
+from hires_parallel.parallel.runtime.payload import base_key
 
 
 class _Net(torch.nn.Module):

@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from hires_parallel.parallel.layout import LayoutError, ParallelPlan, split_rows
+from hires_parallel.parallel.split.layout import LayoutError, ParallelPlan, split_rows
 
 
 def _check_cover(bands: list[tuple[int, int]], rows: int, n: int, align: int) -> None:

@@ -20,8 +20,8 @@ import time
 import psutil
 import pytest
 
-from hires_parallel.parallel.pool import ProbeJob, WorkerPool, current_pool, get_pool, shutdown_pool
-from hires_parallel.parallel.protocol import (
+from hires_parallel.parallel.runtime.pool import ProbeJob, WorkerPool, current_pool, get_pool, shutdown_pool
+from hires_parallel.parallel.runtime.protocol import (
     JobCancelled,
     JobFailed,
     JobTimeout,
@@ -46,7 +46,7 @@ def worker_pids() -> set[int]:
     for p in psutil.Process().children(recursive=True):
         try:
             cmd = " ".join(p.cmdline())
-            if p.status() != psutil.STATUS_ZOMBIE and ("hires_parallel.parallel.worker" in cmd
+            if p.status() != psutil.STATUS_ZOMBIE and ("hires_parallel.parallel.runtime.worker" in cmd
                                                       or "HIRES_PARALLEL_ROOT" in cmd):
                 out.add(p.pid)
         except psutil.Error:
@@ -312,14 +312,14 @@ SCRIPT = textwrap.dedent("""
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
-    pool_mod = importlib.import_module(name + ".parallel.pool")
-    protocol = importlib.import_module(name + ".parallel.protocol")
-    assert pool_mod.ProbeJob.__module__ == name + ".parallel.pool"
+    pool_mod = importlib.import_module(name + ".parallel.runtime.pool")
+    protocol = importlib.import_module(name + ".parallel.runtime.protocol")
+    assert pool_mod.ProbeJob.__module__ == name + ".parallel.runtime.pool"
     # Pack classes travel under the name the workers import, and come back under ours.
     blob = pool_mod.dumps_job(protocol.JobResult(1))
-    assert b"hires_parallel.parallel.protocol" in blob and name.encode() not in blob
+    assert b"hires_parallel.parallel.runtime.protocol" in blob and name.encode() not in blob
     import pickle
-    from hires_parallel.parallel.protocol import JobResult as WorkersJobResult  # as a worker names it
+    from hires_parallel.parallel.runtime.protocol import JobResult as WorkersJobResult  # as a worker names it
     assert WorkersJobResult is not protocol.JobResult
     assert type(pool_mod.loads_result(pickle.dumps(WorkersJobResult(2)))) is protocol.JobResult
     out = {}

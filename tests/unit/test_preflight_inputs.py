@@ -10,9 +10,9 @@ import types
 import pytest
 import torch
 
-from hires_parallel.parallel import submit
-from hires_parallel.parallel.layout import ParallelPlan
-from hires_parallel.parallel.payload import UnshippablePatch, check_worker_importable, referenced_globals
+from hires_parallel.parallel.runtime import submit
+from hires_parallel.parallel.split.layout import ParallelPlan
+from hires_parallel.parallel.runtime.payload import UnshippablePatch, check_worker_importable, referenced_globals
 from support.fake_pack import fake_pack_module
 
 
@@ -55,7 +55,7 @@ def two_cores(monkeypatch):
 
 
 def test_cpu_ranks_are_capped_before_anything_starts(two_cores, monkeypatch):
-    from hires_parallel.parallel import pool
+    from hires_parallel.parallel.runtime import pool
 
     started = []
     monkeypatch.setattr(pool.subprocess, "Popen", lambda *a, **k: started.append(a) or pytest.fail("a process started"))
@@ -98,7 +98,7 @@ def test_path_derived_pack_objects_pickle_here_but_are_refused(fake_pack):
 
 
 def test_controlnet_layers_of_another_pack_are_refused(fake_pack):
-    from hires_parallel.parallel.payload import control_layer_classes
+    from hires_parallel.parallel.runtime.payload import control_layer_classes
 
     class Control:  # what control_layer_classes reads of a ControlNet (a chain of two)
         def __init__(self, module, previous=None):
@@ -129,7 +129,7 @@ def test_modules_not_on_the_workers_path_and_main_are_refused(tmp_path, monkeypa
 
 
 def test_torch_stdlib_and_pack_objects_pass():
-    from hires_parallel.parallel.sampling_job import ParallelSpec, SamplerSpec
+    from hires_parallel.parallel.runtime.sampling_job import ParallelSpec, SamplerSpec
 
     obj = {"a": torch.nn.functional.gelu, "b": torch.nn.Conv2d(1, 1, 3), "c": torch.zeros(2), "d": torch.float16,
            "e": SamplerSpec(name="euler"), "f": ParallelSpec(2, False), "g": os.path.join, "h": [len, {1, 2}]}

@@ -1,4 +1,4 @@
-"""The displaced / partial machinery (parallel/displaced.py) on synthetic tensors, 2 and 3 gloo ranks.
+"""The displaced / partial machinery (parallel/split/displaced.py) on synthetic tensors, 2 and 3 gloo ranks.
 
 Every value encodes (step, global row or token), so each check says exactly which rows of which band
 from which step a result was built from: the halo rows (previous band's last row, next band's first
@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from hires_parallel.parallel.displaced import (
+from hires_parallel.parallel.split.displaced import (
     StaleOptions,
     StepClock,
     resolve_groupnorm,

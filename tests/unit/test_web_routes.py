@@ -11,12 +11,12 @@ import psutil
 import pytest
 
 from hires_parallel import web_routes
-from hires_parallel.parallel import monitor
-from hires_parallel.parallel.layout import split_rows
-from hires_parallel.parallel.pool import ProbeJob, current_pool, get_pool, shutdown_pool
-from hires_parallel.parallel.protocol import JobFailed, PoolError
-from hires_parallel.parallel.sampling_job import ParallelSpec
-from hires_parallel.parallel.submit import ParallelInputError
+from hires_parallel.parallel.runtime import monitor
+from hires_parallel.parallel.split.layout import split_rows
+from hires_parallel.parallel.runtime.pool import ProbeJob, current_pool, get_pool, shutdown_pool
+from hires_parallel.parallel.runtime.protocol import JobFailed, PoolError
+from hires_parallel.parallel.runtime.sampling_job import ParallelSpec
+from hires_parallel.parallel.runtime.submit import ParallelInputError
 
 
 @pytest.fixture(autouse=True)
@@ -188,7 +188,7 @@ def test_batch_mode_layout_keeps_the_whole_image_on_every_device():
 
 
 def test_shutdown_and_restart_routes_stop_a_real_pool(monkeypatch, events):
-    from hires_parallel.parallel import submit
+    from hires_parallel.parallel.runtime import submit
 
     freed = []
     monkeypatch.setattr(submit, "close_weight_store", lambda: freed.append(True))

@@ -4,7 +4,7 @@
 // The split itself comes from the server (GET /hires_parallel/layout, computed with split_rows), so the
 // overlay shows exactly what a run would use; answers are cached per setting, so redraws cost nothing.
 // Bands align to the model's total downsampling (SD1.x 8 latent rows, SDXL 4), the rule a run uses
-// (parallel/layout.py band_alignment): the overlay follows the sampler's model input up to its loader and
+// (parallel/split/layout.py band_alignment): the overlay follows the sampler's model input up to its loader and
 // sends the checkpoint name; the server reads the file's header. With no loader found the SD1.x rule is
 // drawn and the text also gives the SDXL rows.
 import { app } from "../../../scripts/app.js";

@@ -2,7 +2,7 @@
 // Shows pool state, devices, the live step of a patch-parallel job (every rank runs each step together),
 // per-rank step time and bytes per step of the last run, the last error with its hint, and Restart /
 // Shut down buttons. Data: GET /hires_parallel/status, then the "hires_parallel.status" messages the server
-// pushes as jobs progress (web_routes.py, parallel/monitor.py).
+// pushes as jobs progress (web_routes.py, parallel/runtime/monitor.py).
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 

@@ -59,7 +59,7 @@ class ParallelSpec:
 
     def stale_options(self, sigmas: torch.Tensor, height: int, width: int):
         """StaleOptions for this run (None unless mode is displaced or partial)."""
-        from .displaced import STALE_MODES, StaleOptions, resolve_groupnorm, resolve_warmup
+        from ..split.displaced import STALE_MODES, StaleOptions, resolve_groupnorm, resolve_warmup
 
         if self.mode not in STALE_MODES:
             return None
@@ -92,9 +92,9 @@ class SamplingJob(Job):
     def run(self, ctx: WorkerContext) -> dict:
         import comfy.samplers
 
-        from .comm import CommStats
-        from .layout import ParallelPlan, band_alignment
-        from .unet_parallel import BandParallelRuntime, apply_band_parallel
+        from ..split.comm import CommStats
+        from ..split.layout import ParallelPlan, band_alignment
+        from ..split.unet_parallel import BandParallelRuntime, apply_band_parallel
 
         t0 = time.perf_counter()
         positive, negative = self.positive, self.negative

@@ -1,4 +1,4 @@
-"""One rank of the background process group: ``python -m hires_parallel.parallel.worker``.
+"""One rank of the background process group: ``python -m hires_parallel.parallel.runtime.worker``.
 
 Started by ``pool.WorkerPool`` with subprocess.Popen (never fork: the controller may hold CUDA).
 Life of a worker:
@@ -38,7 +38,7 @@ ENV = "HIRES_PARALLEL_"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
-    p = argparse.ArgumentParser(prog="python -m hires_parallel.parallel.worker",
+    p = argparse.ArgumentParser(prog="python -m hires_parallel.parallel.runtime.worker",
                                 description="One rank of the HiRes Parallel process group.")
     p.add_argument("--rank", type=int, default=int(env(ENV + "RANK", "0")))
     p.add_argument("--world-size", type=int, default=int(env(ENV + "WORLD_SIZE", "1")))
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.control or not args.port:
         p.error("--control and --port (or HIRES_PARALLEL_CONTROL / HIRES_PARALLEL_PORT) are required; "
-                "workers are started by hires_parallel.parallel.pool.WorkerPool")
+                "workers are started by hires_parallel.parallel.runtime.pool.WorkerPool")
     return args
 
 
@@ -171,7 +171,7 @@ def _prepare_comfy(device: Any) -> None:
     root = os.environ.get("COMFYUI_PATH")
     if "comfy.model_management" in sys.modules or not root:
         return
-    from ..comfy_host import ensure_comfy
+    from ...comfy_host import ensure_comfy
     from .host_args import ENV as ARGS_ENV
     from .host_args import apply, decode
 
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group(backend, store=loopback_store(args.rank, args.world_size, args.port, timeout),
                                 rank=args.rank, world_size=args.world_size, timeout=timeout)
         if device.type == "cuda" and backend != "nccl":
-            from .comm import set_host_staging
+            from ..split.comm import set_host_staging
 
             set_host_staging(True)  # gloo moves host tensors only: exchanges go through host memory
         info = {

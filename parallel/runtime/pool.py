@@ -3,7 +3,7 @@
 How a pool lives (read top to bottom):
 
 * Start (lazy, on the first ``run``; idempotent): one subprocess per device, started with
-  ``subprocess.Popen([sys.executable, -m, hires_parallel.parallel.worker, ...])`` in a new session
+  ``subprocess.Popen([sys.executable, -m, hires_parallel.parallel.runtime.worker, ...])`` in a new session
   (never fork: ComfyUI may already hold CUDA; a new session keeps Ctrl+C for ComfyUI alone), each with
   an explicit environment (see ``_rank_env``). The pack is made importable as ``hires_parallel``
   whatever folder ComfyUI loaded it from (see ``_launcher``). Each worker connects back to a control
@@ -68,10 +68,10 @@ from .protocol import (
 __all__ = ["WorkerPool", "ProbeJob", "get_pool", "current_pool", "shutdown_pool"]
 
 PACKAGE = "hires_parallel"
-PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACK_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The name this process imported the pack under (ComfyUI uses the folder path; pip gives PACKAGE).
-RUNTIME_PACKAGE = __name__.rsplit(".", 2)[0] if __name__.endswith(".parallel.pool") else PACKAGE
-WORKER_MODULE = PACKAGE + ".parallel.worker"
+RUNTIME_PACKAGE = __name__.rsplit(".", 3)[0] if __name__.endswith(".parallel.runtime.pool") else PACKAGE
+WORKER_MODULE = PACKAGE + ".parallel.runtime.worker"
 # Set to "bootstrap" to skip the symlink and register the package from its path in the worker.
 LAUNCH_ENV = "HIRES_PARALLEL_WORKER_LAUNCH"
 POLL_S = 0.1
@@ -89,7 +89,7 @@ _BOOTSTRAP = (
     "mod = importlib.util.module_from_spec(spec)\n"
     "sys.modules['hires_parallel'] = mod\n"
     "spec.loader.exec_module(mod)\n"
-    "from hires_parallel.parallel.worker import main\n"
+    "from hires_parallel.parallel.runtime.worker import main\n"
     "sys.exit(main())\n"
 )
 

@@ -387,7 +387,7 @@ def check_preflight_memory(model: Any, latent_image: torch.Tensor, devices: Sequ
             host = dict(est, total=est["weights"] + n_cpu * (est["total"] - est["weights"]))
             check_plan_fits(host, {"the host (RAM shared by %d CPU ranks)" % n_cpu: free["cpu"]})
     except MemoryPlanError as e:
-        from .submit import ParallelInputError  # lazily: submit imports this module
+        from ..runtime.submit import ParallelInputError  # lazily: submit imports this module
 
         raise ParallelInputError(str(e)) from None
     return est

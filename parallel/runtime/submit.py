@@ -17,9 +17,9 @@ from typing import Any, Callable
 import torch
 
 from . import monitor  # the web panel's live view (web_routes.py); reporting only
-from .displaced import GROUPNORM_POLICIES, STALE_MODES
-from .layout import LayoutError, ParallelPlan, band_alignment, split_rows
-from .memory_plan import check_preflight_memory
+from ..split.displaced import GROUPNORM_POLICIES, STALE_MODES
+from ..split.layout import LayoutError, ParallelPlan, band_alignment, split_rows
+from ..split.memory_plan import check_preflight_memory
 from .payload import (WeightStore, check_model_importable, check_picklable, check_worker_importable,
                       control_layer_classes, make_payload, ship_conditioning)
 from .protocol import JobCancelled, JobFailed, WorkerContext
@@ -220,7 +220,7 @@ def preflight(model, positive, negative, latent_image: torch.Tensor, devices: li
                         partial_fraction_late=None if late < 0 else float(late), groupnorm=options.groupnorm)
     if world == 1:
         return spec
-    from .unet_parallel import check_band_parallel_support
+    from ..split.unet_parallel import check_band_parallel_support
 
     check_band_parallel_support(model)
     plan = ParallelPlan(world, spec.cfg_parallel, batch_split=world if batch_mode else 0)
