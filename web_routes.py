@@ -1,7 +1,7 @@
 """HTTP routes of the web panel, under /hires_parallel/ (ComfyUI serves them under /api/hires_parallel/ too).
 
     GET  /hires_parallel/status          pool state, the run in progress, the last run, the last error + hint
-    GET  /hires_parallel/layout?height=&width=&devices=&device_kind=&mode=&weights=&cfg_parallel=
+    GET  /hires_parallel/layout?height=&width=&devices=&device_kind=&mode=&weights=&cfg_parallel=&cfg=&comfy_gpu=
                                &checkpoint=&family=&align=
                                          the band split a sampler node would use (split_rows), in latent and
                                          pixel rows; {"ok": false, "error": ...} when the settings give none
@@ -132,6 +132,19 @@ def alignment_for(query: Mapping[str, str]) -> dict:
             "by_family": by_family}
 
 
+def _float(query: Mapping[str, str], name: str) -> float | None:
+    text = str(query.get(name, "")).strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadRequest(f"{name} must be a number; got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise BadRequest(f"{name} must be a finite number; got {text!r}")
+    return value
+
+
 def layout_for(query: Mapping[str, str]) -> dict:
     """The band split for a node's settings. Raises BadRequest for a malformed query and the pack's own
     input errors (ParallelInputError, LayoutError) for settings that give no layout."""
@@ -147,13 +160,14 @@ def layout_for(query: Mapping[str, str]) -> dict:
     mode = query.get("mode") or "exact"
     cfg_setting = query.get("cfg_parallel") or "auto"
     negative = str(query.get("negative", "1")).lower() not in ("0", "false", "no")
+    cfg_scale = _float(query, "cfg")  # None: unknown (a guider fed by another node), decided as preflight does
     if mode not in submit.MODES:
         raise submit.ParallelInputError(f"mode must be one of {submit.MODES}; got {mode!r}.")
-    devices = submit.resolve_devices(requested, kind)
+    devices = submit.resolve_devices(requested, kind, query.get("comfy_gpu") or "share")
     world = len(devices)
     # The same rules as submit.preflight: batch mode shares each call's batch out and splits no rows.
     batch_mode = mode == "batch"
-    cfg = False if batch_mode else submit.resolve_cfg_parallel(cfg_setting, world, negative)
+    cfg = False if batch_mode else submit.resolve_cfg_parallel(cfg_setting, world, negative, cfg_scale)
     plan = ParallelPlan(world, cfg, batch_split=world if batch_mode else 0)
     weights = None if batch_mode else submit.band_weights(query.get("weights", ""), plan)
     rows = height // PIXELS_PER_LATENT_ROW

@@ -236,7 +236,9 @@ def preflight(model, positive, negative, latent_image: torch.Tensor, devices: li
     if mode in STALE_MODES and plan.bands_per_group == 1:
         log.info("HiRes Parallel: mode %s has no bands to exchange with %d devices and CFG parallel on; "
                  "it runs like exact.", mode, world)
-    check_preflight_memory(model, latent_image, devices, spec, plan, negative is not None)  # can it fit?
+    # can it fit? (at cfg 1 ComfyUI runs no negative pass: only the positive one takes memory)
+    check_preflight_memory(model, latent_image, devices, spec, plan,
+                           negative is not None and uncond_runs(cfg, getattr(model, "model_options", None)))
     advice = "Remove the node that adds it, or run with 1 device."
     control_layers = control_layer_classes(positive, negative)  # the layers a ControlNet's skeleton pickles
     positive, negative = ship_conditioning(positive, negative, None)  # ControlNets: checked, nothing written

@@ -170,6 +170,18 @@ def test_layout_route_explains_settings_without_a_layout_and_rejects_bad_queries
     assert status == 200 and "device_weights must be numbers" in data["error"]
 
 
+def test_layout_knows_that_cfg_1_has_no_negative_pass():
+    # As submit.preflight: at cfg 1 ComfyUI skips the negative prompt, so auto splits bands over all devices.
+    status, data = _call("GET", "/hires_parallel/layout?height=1024&devices=4&device_kind=cpu&cfg_parallel=auto&cfg=1")
+    assert data["ok"] and data["cfg_parallel"] is False and len(data["bands"]) == 4
+    status, data = _call("GET", "/hires_parallel/layout?height=1024&devices=4&device_kind=cpu&cfg_parallel=auto&cfg=7")
+    assert data["ok"] and data["cfg_parallel"] is True and len(data["bands"]) == 2
+    status, data = _call("GET", "/hires_parallel/layout?height=1024&devices=2&device_kind=cpu&cfg_parallel=on&cfg=1.0")
+    assert data["ok"] is False and "no negative pass" in data["error"]
+    status, data = _call("GET", "/hires_parallel/layout?height=1024&devices=2&cfg=lots")
+    assert status == 400 and "cfg must be a number" in data["error"]
+
+
 def test_one_device_layout_is_the_whole_image():
     status, data = _call("GET", "/hires_parallel/layout?height=1000&devices=1&device_kind=cpu")
     assert data["ok"] and data["world_size"] == 1

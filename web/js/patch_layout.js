@@ -79,7 +79,10 @@ function queryFor(node, size) {
     mode: String(widgetValue(node, "mode") ?? "exact"),
     cfg_parallel: String(widgetValue(node, "cfg_parallel") ?? "auto"),
     weights: String(widgetValue(node, "device_weights") ?? ""),
+    comfy_gpu: String(widgetValue(node, "comfy_gpu") ?? "share"),
   });
+  const cfg = widgetValue(node, "cfg");  // at cfg 1 there is no negative pass: no CFG halves
+  if (cfg !== undefined && cfg !== null) params.set("cfg", String(cfg));
   const slot = node.findInputSlot("model");
   const checkpoint = slot >= 0 ? modelFile(node.getInputNode(slot)) : null;
   if (checkpoint) params.set("checkpoint", checkpoint);
