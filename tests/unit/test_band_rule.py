@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from hires_parallel import web_routes
 from hires_parallel.parallel.split.layout import LayoutError, band_alignment, split_rows
+from support.routes_client import call_route
 
 SDXL_KEYS = [f"model.diffusion_model.input_blocks.{i}.0.{'op' if i in (3, 6) else 'in_layers'}.weight"
              for i in range(9)] + ["conditioner.embedders.1.model.ln_final.weight"]
@@ -80,21 +80,7 @@ def test_a_checkpoint_name_gives_its_alignment_from_the_file_header(tmp_path, mo
 
 
 def _call(path: str) -> tuple[int, dict]:
-    import asyncio
-
-    from aiohttp import web
-    from aiohttp.test_utils import TestClient, TestServer
-
-    async def go():
-        app = web.Application()
-        routes = web.RouteTableDef()
-        web_routes.add_routes(routes)
-        app.add_routes(routes)
-        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
-            res = await client.get(path)
-            return res.status, await res.json()
-
-    return asyncio.run(go())
+    return call_route("GET", path)
 
 
 def test_the_align_route_answers_for_a_family_and_refuses_an_unknown_one():

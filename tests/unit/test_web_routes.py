@@ -3,20 +3,24 @@ events), the routes through a real aiohttp server on loopback, and registration 
 PromptServer. The same routes inside a real ComfyUI are tested in tests/server/test_web_routes.py."""
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
 import psutil
 import pytest
-
 from hires_parallel import web_routes
 from hires_parallel.parallel.runtime import monitor
-from hires_parallel.parallel.split.layout import split_rows
-from hires_parallel.parallel.runtime.pool import ProbeJob, current_pool, get_pool, shutdown_pool
+from hires_parallel.parallel.runtime.pool import (
+    ProbeJob,
+    current_pool,
+    get_pool,
+    shutdown_pool,
+)
 from hires_parallel.parallel.runtime.protocol import JobFailed, PoolError
 from hires_parallel.parallel.runtime.sampling_job import ParallelSpec
 from hires_parallel.parallel.runtime.submit import ParallelInputError
+from hires_parallel.parallel.split.layout import split_rows
+from support.routes_client import call_route
 
 
 @pytest.fixture(autouse=True)
@@ -116,21 +120,7 @@ def test_a_failing_sink_never_fails_the_run():
 # The routes, on a real aiohttp server
 
 
-def _call(method: str, path: str) -> tuple[int, dict]:
-    from aiohttp import web
-    from aiohttp.test_utils import TestClient, TestServer
-
-    async def go():
-        app = web.Application()
-        routes = web.RouteTableDef()
-        web_routes.add_routes(routes)
-        app.add_routes(routes)
-        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
-            res = await client.request(method, path)
-            is_json = res.content_type == "application/json"
-            return res.status, (await res.json()) if is_json else {"text": await res.text()}
-
-    return asyncio.run(go())
+_call = call_route
 
 
 def test_status_route_reports_pool_job_last_run_and_error():
