@@ -26,7 +26,10 @@ log = logging.getLogger("hires_parallel")
 
 WEIGHTS_PREFIX = "hires_parallel_weights_"
 POOL_PREFIX = "hires_parallel_pool_"
-_OWNED = re.compile(r"^(?:%s|%s)(\d+)_" % (WEIGHTS_PREFIX, POOL_PREFIX))
+_OWNED = re.compile(r"^(?:%s|%s)(\d+)_[a-z0-9_]{8}$" % (WEIGHTS_PREFIX, POOL_PREFIX))  # pid + mkdtemp's 8
+# Weight folders of versions before the owner pid was in the name: whether their ComfyUI still runs cannot be
+# told, so they are only reported (with their size and the command that removes them), never removed.
+_LEGACY = re.compile(r"^%s[a-z0-9_]{8}$" % WEIGHTS_PREFIX)  # mkdtemp's 8 characters alone
 
 _cleanups: list[Callable[[], None]] = []
 _lock = threading.Lock()
@@ -63,7 +66,7 @@ def _alive(pid: int) -> bool:
 
 def sweep(folders: list[str | None] | None = None) -> list[str]:
     """Remove the weight and pool folders whose owner process is gone; return what was removed."""
-    removed = []
+    removed, legacy = [], []
     for root in folders if folders is not None else [shm_dir(), tempfile.gettempdir()]:
         if not root or not os.path.isdir(root):
             continue
@@ -74,6 +77,8 @@ def sweep(folders: list[str | None] | None = None) -> list[str]:
         for name in names:
             m = _OWNED.match(name)
             path = os.path.join(root, name)
+            if _LEGACY.match(name) and os.path.isdir(path) and not os.path.islink(path):
+                legacy.append(path)
             if not m or _alive(int(m.group(1))) or not os.path.isdir(path) or os.path.islink(path):
                 continue
             try:
@@ -87,7 +92,22 @@ def sweep(folders: list[str | None] | None = None) -> list[str]:
     if removed:
         log.info("HiRes Parallel: removed %d folder(s) left by processes that are gone: %s", len(removed),
                  ", ".join(removed))
+    if legacy:
+        size = sum(_folder_bytes(p) for p in legacy)
+        log.warning("HiRes Parallel: %d weight folder(s) of an earlier version of this pack hold %.2f GB (RAM, when "
+                    "in /dev/shm): %s. Unless a ComfyUI started before the update still runs, remove them: rm -r %s",
+                    len(legacy), size / 2**30, ", ".join(legacy), " ".join(legacy))
     return removed
+
+
+def _folder_bytes(path: str) -> int:
+    total = 0
+    for entry in os.scandir(path):
+        try:
+            total += entry.stat(follow_symlinks=False).st_size
+        except OSError:
+            pass
+    return total
 
 
 def on_exit(fn: Callable[[], None]) -> None:

@@ -82,15 +82,26 @@ def test_no_room_anywhere_is_a_clear_error_before_writing(tmp_path, monkeypatch)
 
 def test_sweep_removes_folders_of_dead_processes_only(tmp_path):
     dead = _dead_pid()
-    gone = [tmp_path / f"{leftovers.WEIGHTS_PREFIX}{dead}_abc", tmp_path / f"{leftovers.POOL_PREFIX}{dead}_def"]
-    kept = [tmp_path / f"{leftovers.WEIGHTS_PREFIX}{os.getpid()}_ghi", tmp_path / "hires_parallel_weights_oldstyle",
-            tmp_path / "unrelated_123_x"]
+    gone = [tmp_path / f"{leftovers.WEIGHTS_PREFIX}{dead}_abc_1234", tmp_path / f"{leftovers.POOL_PREFIX}{dead}_defgh567"]
+    kept = [tmp_path / f"{leftovers.WEIGHTS_PREFIX}{os.getpid()}_ghi_5678", tmp_path / "hires_parallel_weights_oldstyle",
+            tmp_path / "hires_parallel_weights_12_abcde", tmp_path / "unrelated_123_x"]
     for d in gone + kept:
         d.mkdir()
         (d / "w.pt").write_bytes(b"x" * 100)
     removed = leftovers.sweep([str(tmp_path)])
     assert sorted(removed) == sorted(str(d) for d in gone)
     assert all(d.exists() for d in kept) and not any(d.exists() for d in gone)
+
+
+def test_weight_folders_of_an_earlier_version_are_reported_not_removed(tmp_path, caplog):
+    old = tmp_path / "hires_parallel_weights_k3j_x9qa"  # mkdtemp's 8 characters, no owner pid
+    old.mkdir()
+    (old / "abc.pt").write_bytes(b"x" * 3000)
+    with caplog.at_level(logging.WARNING, logger="hires_parallel"):
+        assert leftovers.sweep([str(tmp_path)]) == []
+    assert old.exists()
+    msg = " ".join(r.message for r in caplog.records)
+    assert "earlier version" in msg and f"rm -r {old}" in msg
 
 
 def test_pool_rebuild_removes_the_old_pools_weight_files():
