@@ -32,7 +32,7 @@ _OWNED = re.compile(r"^(?:%s|%s)(\d+)_[a-z0-9_]{8}$" % (WEIGHTS_PREFIX, POOL_PRE
 _LEGACY = re.compile(r"^%s[a-z0-9_]{8}$" % WEIGHTS_PREFIX)  # mkdtemp's 8 characters alone
 
 _cleanups: list[Callable[[], None]] = []
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: a signal handler may run while this thread holds it
 _installed: dict[int, object] = {}  # signal number -> the handler that was there before ours
 
 
