@@ -1,12 +1,12 @@
 """FULL-SIZE SD1.5 UNet (860M parameters, fp32, random seeded weights) through the real worker pool.
 
-SLOW AND MEMORY-HEAVY: 2 min 50 s to 3 min 20 s on this 2-core CPU (shared with other jobs; building the
-weights about 30 s, writing the weight file 20 s, stock KSampler 57 s, the 2-rank run 80 s with pool start
-and weight loading). The 3.4 GB of weights exist three times at the peak: the weight file in /dev/shm
-(which this process maps its own weights onto) and one copy per worker rank (the worker's load_state_dict
-copies them out of the memory-mapped file). Measured peak: /dev/shm 3.5 GB + this process 0.7 GB
-anonymous + 2 workers x 4.1 GB = about 12.5 GB. It skips, saying why, when the machine has less than
-``MIN_AVAILABLE_GIB`` of available memory or ``MIN_SHM_GIB`` free in /dev/shm.
+SLOW AND MEMORY-HEAVY: 49 s on this 2-core CPU when idle (2 min 50 s to 3 min 20 s while other jobs shared
+it: building the weights about 30 s, writing the weight file 20 s, stock KSampler 57 s, the 2-rank run 80 s
+with pool start and weight loading). The 3.4 GB of weights exist once at the peak, in the weight file in
+/dev/shm: this process maps its own weights onto it and both worker ranks map it too (payload.build_model
+loads with assign=True). Measured peak use of the machine's memory: 6.7 GB (12.5 GB before the workers
+mapped the file). It skips, saying why, when the machine has less than ``MIN_AVAILABLE_GIB`` of available
+memory or ``MIN_SHM_GIB`` free in /dev/shm.
 
 ComfyUI's own SD15 config (``tiny_models.build_sd15_full_size``: model_channels 320, channel_mult
 (1, 2, 4, 4), attention at 1/1, 1/2, 1/4 and in the middle block, context 768, 8 heads), one 64x64
@@ -37,7 +37,7 @@ import torch
 
 TOL_REL = 1e-5
 THREAD_NOISE = 9.4e-7  # measured, see above
-MIN_AVAILABLE_GIB = 15.0  # the run takes about 12.5 GB (measured); keep some for the rest of the machine
+MIN_AVAILABLE_GIB = 10.0  # the run takes about 6.7 GB (measured); keep some for the rest of the machine
 MIN_SHM_GIB = 4.0
 SEED = 5
 STEPS = 2
