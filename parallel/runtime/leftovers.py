@@ -33,6 +33,7 @@ _LEGACY = re.compile(r"^%s[a-z0-9_]{8}$" % WEIGHTS_PREFIX)  # mkdtemp's 8 charac
 
 _cleanups: list[Callable[[], None]] = []
 _lock = threading.RLock()  # re-entrant: a signal handler may run while this thread holds it
+_reported: set[str] = set()  # legacy folders already reported
 _installed: dict[int, object] = {}  # signal number -> the handler that was there before ours
 
 
@@ -92,7 +93,9 @@ def sweep(folders: list[str | None] | None = None) -> list[str]:
     if removed:
         log.info("HiRes Parallel: removed %d folder(s) left by processes that are gone: %s", len(removed),
                  ", ".join(removed))
+    legacy = [p for p in legacy if p not in _reported]
     if legacy:
+        _reported.update(legacy)  # once per process: every pool start sweeps
         size = sum(_folder_bytes(p) for p in legacy)
         log.warning("HiRes Parallel: %d weight folder(s) of an earlier version of this pack hold %.2f GB (RAM, when "
                     "in /dev/shm): %s. Unless a ComfyUI started before the update still runs, remove them: rm -r %s",

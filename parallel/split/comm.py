@@ -113,26 +113,8 @@ def batch_isend_irecv(ops: list) -> list:
             target = t if op.op is not dist.isend else None
         staged.append(dist.P2POp(op.op, host, op.peer, op.group, op.tag))
         targets.append((host, target))
-    works = dist.batch_isend_irecv(staged)
-    if len(works) != len(staged):  # one work for the whole batch (some backends): copy back after it
-        recvs = [(h, t) for h, t in targets if t is not None]
-        return [_BatchStagedWork(w, recvs) for w in works]
-    return [_StagedWork(w, h, t) for w, (h, t) in zip(works, targets)]
-
-
-class _BatchStagedWork:
-    def __init__(self, work: Any, recvs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.work, self.recvs = work, recvs
-
-    def wait(self, *args: Any) -> bool:
-        done = self.work.wait(*args)
-        for host, target in self.recvs:
-            target.copy_(host)
-        self.recvs = []
-        return done
-
-    def is_completed(self) -> bool:
-        return self.work.is_completed()
+    works = dist.batch_isend_irecv(staged)  # gloo (the only staged backend): one work per operation
+    return [_StagedWork(w, h, t) for w, (h, t) in zip(works, targets, strict=True)]
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
