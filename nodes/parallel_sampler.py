@@ -58,13 +58,20 @@ def _parallel_inputs() -> list:
                        tooltip="share: workers use every GPU, the one ComfyUI's own models are on included (its "
                                "models are unloaded from it for the run and come back for the VAE decode). avoid: "
                                "leave ComfyUI's GPU to ComfyUI (its VAE, other samplers) and split over the others."),
+        io.Combo.Input("sequence_attention", options=list(submit.ATTENTION_MODES), default="auto", optional=True,
+                       tooltip="DiT models (Flux, SD3, Qwen-Image, Wan), exact mode: how a band's attention sees the "
+                               "other bands. gathered_kv: every band receives the others' keys/values (any device "
+                               "count). ulysses: an all-to-all over attention heads; fewer bytes from 3 devices on, "
+                               "needs the head count to divide by the bands. auto: ulysses where it applies and "
+                               "pays, else gathered_kv. The pool status says which ran."),
     ]
 
 
 def _mode_options(warmup: int, partial_fraction: float, partial_fraction_late: float,
-                  groupnorm: str) -> submit.ModeOptions:
+                  groupnorm: str, sequence_attention: str = "auto") -> submit.ModeOptions:
     return submit.ModeOptions(warmup=warmup, partial_fraction=partial_fraction,
-                              partial_fraction_late=partial_fraction_late, groupnorm=groupnorm)
+                              partial_fraction_late=partial_fraction_late, groupnorm=groupnorm,
+                              attention=sequence_attention)
 
 
 class HiResParallelPatchParallelKSampler(io.ComfyNode):
@@ -79,7 +86,8 @@ class HiResParallelPatchParallelKSampler(io.ComfyNode):
                         "scheduler are ComfyUI's own. Exact mode gives the single-device image; displaced and partial "
                         "modes hide the communication for speed on slower links.",
             inputs=[
-                io.Model.Input("model", tooltip="The model used for denoising (SD1.x/2.x/SDXL UNets; LoRAs apply)."),
+                io.Model.Input("model", tooltip="The model used for denoising: SD1.x/2.x/SDXL UNets, Flux, SD3, "
+                                                "Qwen-Image or Wan (LoRAs apply)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="The random seed used for creating the noise."),
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="The number of denoising steps."),
@@ -103,7 +111,7 @@ class HiResParallelPatchParallelKSampler(io.ComfyNode):
                 latent_image: dict, denoise: float, devices: int, device_kind: str, mode: str,
                 cfg_parallel: str, device_weights: str = "", warmup: int = 0, partial_fraction: float = 0.3,
                 partial_fraction_late: float = -1.0, groupnorm: str = "auto",
-                comfy_gpu: str = "share") -> io.NodeOutput:
+                comfy_gpu: str = "share", sequence_attention: str = "auto") -> io.NodeOutput:
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         ks = comfy.samplers.KSampler(model, steps=steps, device="cpu", sampler=sampler_name, scheduler=scheduler,
@@ -116,7 +124,8 @@ class HiResParallelPatchParallelKSampler(io.ComfyNode):
         samples = submit.run_sampling(
             model, positive, negative, cfg, noise, latent, ks.sigmas, SamplerSpec(name=sampler_name), seed,
             latent_image.get("noise_mask"), submit.resolve_devices(devices, device_kind, comfy_gpu), cfg_parallel, mode, callback,
-            device_weights, _mode_options(warmup, partial_fraction, partial_fraction_late, groupnorm))
+            device_weights, _mode_options(warmup, partial_fraction, partial_fraction_late, groupnorm,
+                                         sequence_attention))
         out["samples"] = samples.to(comfy.model_management.intermediate_device())
         return io.NodeOutput(out)
 
@@ -156,7 +165,8 @@ class HiResParallelPatchParallelGuider(io.ComfyNode):
             description="A CFG guider for SamplerCustomAdvanced that splits every step over several devices, so custom "
                         "sigmas, noise (Block Noise too) and samplers run patch-parallel.",
             inputs=[
-                io.Model.Input("model", tooltip="The model used for denoising (SD1.x/2.x/SDXL UNets; LoRAs apply)."),
+                io.Model.Input("model", tooltip="The model used for denoising: SD1.x/2.x/SDXL UNets, Flux, SD3, "
+                                                "Qwen-Image or Wan (LoRAs apply)."),
                 io.Conditioning.Input("positive", tooltip="What the image should contain."),
                 io.Conditioning.Input("negative", tooltip="What the image should not contain."),
                 io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
@@ -171,10 +181,10 @@ class HiResParallelPatchParallelGuider(io.ComfyNode):
     def execute(cls, model, positive, negative, cfg: float, devices: int, device_kind: str, mode: str,
                 cfg_parallel: str, device_weights: str = "", warmup: int = 0, partial_fraction: float = 0.3,
                 partial_fraction_late: float = -1.0, groupnorm: str = "auto",
-                comfy_gpu: str = "share") -> io.NodeOutput:
+                comfy_gpu: str = "share", sequence_attention: str = "auto") -> io.NodeOutput:
         guider = PatchParallelGuider(model, submit.resolve_devices(devices, device_kind, comfy_gpu), cfg_parallel, mode,
                                      device_weights, _mode_options(warmup, partial_fraction, partial_fraction_late,
-                                                                   groupnorm))
+                                                                   groupnorm, sequence_attention))
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         return io.NodeOutput(guider)

@@ -56,6 +56,7 @@ class ParallelSpec:
     partial_fraction: float = 0.3
     partial_fraction_late: float | None = None
     groupnorm: str = "auto"
+    attention: str = "auto"  # DiTs: auto, gathered_kv or ulysses (exact mode)
 
     def stale_options(self, sigmas: torch.Tensor, height: int, width: int):
         """StaleOptions for this run (None unless mode is displaced or partial)."""
@@ -94,6 +95,7 @@ class SamplingJob(Job):
 
         from ..split.comm import CommStats
         from ..split.layout import ParallelPlan, band_alignment
+        from ..split.dit_parallel import apply_dit_parallel, is_dit_model
         from ..split.unet_parallel import BandParallelRuntime, apply_band_parallel
 
         t0 = time.perf_counter()
@@ -115,7 +117,10 @@ class SamplingJob(Job):
                                                 int(self.latent_image.shape[-1]))
             runtime = BandParallelRuntime(plan, ctx.rank, align, weights=self.parallel.weights, stats=stats,
                                           stale=stale)
-            model = apply_band_parallel(model, runtime)
+            if is_dit_model(model):
+                model = apply_dit_parallel(model, runtime, self.parallel.attention)
+            else:
+                model = apply_band_parallel(model, runtime)
 
         step_times: list[float] = []
         last = [time.perf_counter()]
@@ -156,6 +161,7 @@ class SamplingJob(Job):
             step_s=[round(s, 4) for s in step_times],
             comm=stats.as_dict(), steps=len(step_times),
             mode=self.parallel.mode, comm_steps=comm_steps,
+            attention=sorted({c["attention"] for c in runtime.calls if "attention" in c}) if runtime else None,
             stale=None if stale is None else {
                 "warmup": stale.warmup, "groupnorm": stale.groupnorm, "fraction": stale.fraction,
                 "fraction_late": stale.fraction_late, "stale_calls": runtime.stale.stale_calls},  # type: ignore[union-attr]

@@ -18,6 +18,7 @@ import torch
 
 from . import monitor  # the web panel's live view (web_routes.py); reporting only
 from ..split.displaced import GROUPNORM_POLICIES, STALE_MODES
+from ..split.dit_parallel import ATTENTION_MODES, check_dit_support, is_dit_model
 from ..split.layout import LayoutError, ParallelPlan, band_alignment, split_rows
 from ..split.memory_plan import check_preflight_memory
 from .payload import (WeightStore, check_model_importable, check_picklable, check_worker_importable,
@@ -57,6 +58,7 @@ class ModeOptions:
     partial_fraction: float = 0.3
     partial_fraction_late: float = -1.0
     groupnorm: str = "auto"
+    attention: str = "auto"  # DiTs, exact mode: auto, gathered_kv or ulysses (split.dit_parallel)
 
 
 def check_mode_options(options: ModeOptions) -> None:
@@ -71,6 +73,8 @@ def check_mode_options(options: ModeOptions) -> None:
                                  f"partial_fraction; got {late!r}.")
     if options.groupnorm not in GROUPNORM_POLICIES:
         raise ParallelInputError(f"groupnorm must be one of {list(GROUPNORM_POLICIES)}; got {options.groupnorm!r}.")
+    if options.attention not in ATTENTION_MODES:
+        raise ParallelInputError(f"sequence_attention must be one of {list(ATTENTION_MODES)}; got {options.attention!r}.")
 
 
 def resolve_devices(devices: int, kind: str, comfy_gpu: str = "share") -> list[str]:
@@ -218,21 +222,26 @@ def preflight(model, positive, negative, latent_image: torch.Tensor, devices: li
     spec = ParallelSpec(world, cfg_split,
                         mode, warmup=int(options.warmup), partial_fraction=float(options.partial_fraction),
                         partial_fraction_late=None if late < 0 else float(late), groupnorm=options.groupnorm)
+    spec.attention = options.attention
     if world == 1:
         return spec
-    from ..split.unet_parallel import check_band_parallel_support
-
-    check_band_parallel_support(model)
     plan = ParallelPlan(world, spec.cfg_parallel, batch_split=world if batch_mode else 0)
     if not batch_mode:
         spec.weights = band_weights(device_weights, plan)
-    align = band_alignment(model)  # the one band rule, shared with the web overlay
-    if latent_image.ndim != 4:
-        raise ParallelInputError(f"Patch-parallel sampling takes image latents (4-D); got shape {tuple(latent_image.shape)}.")
-    try:
-        split_rows(int(latent_image.shape[-2]), plan.bands_per_group, align, spec.weights)
-    except LayoutError as e:
-        raise ParallelInputError(str(e)) from e
+    if is_dit_model(model):
+        check_dit_split(model, latent_image, plan, spec)
+    else:
+        from ..split.unet_parallel import check_band_parallel_support
+
+        check_band_parallel_support(model)
+        align = band_alignment(model)  # the one band rule, shared with the web overlay
+        if latent_image.ndim != 4:
+            raise ParallelInputError(f"Patch-parallel sampling takes image latents (4-D); got shape "
+                                     f"{tuple(latent_image.shape)}.")
+        try:
+            split_rows(int(latent_image.shape[-2]), plan.bands_per_group, align, spec.weights)
+        except LayoutError as e:
+            raise ParallelInputError(str(e)) from e
     if mode in STALE_MODES and plan.bands_per_group == 1:
         log.info("HiRes Parallel: mode %s has no bands to exchange with %d devices and CFG parallel on; "
                  "it runs like exact.", mode, world)
@@ -250,6 +259,21 @@ def preflight(model, positive, negative, latent_image: torch.Tensor, devices: li
     check_worker_importable(negative, "the negative conditioning", advice)
     check_worker_importable(control_layers, "the layers of a ControlNet's model", advice)
     return spec
+
+
+def check_dit_split(model, latent_image: torch.Tensor, plan: ParallelPlan, spec: ParallelSpec) -> None:
+    """A DiT run's checks before any work: the family, the token split, a forced Ulysses' head count."""
+    from ..split.dit_parallel import dit_split_info, resolve_attention
+
+    if spec.mode == "batch":
+        check_dit_support(model)
+        return
+    try:
+        info = dit_split_info(model, tuple(latent_image.shape), plan.bands_per_group, spec.weights)
+    except LayoutError as e:
+        raise ParallelInputError(str(e)) from e
+    if spec.mode == "exact":
+        resolve_attention(spec.attention, info["heads"], plan.bands_per_group)
 
 
 @monitor.watched  # a failed or cancelled run reaches the web panel with a hint

@@ -450,6 +450,31 @@ class BandGroup:
         """All bands' tokens concatenated along ``dim`` in band order (lengths may differ)."""
         return self._gather_uneven(t, dim, kind, sizes)
 
+    def all_to_all(self, chunks: Sequence[torch.Tensor], shapes: Sequence[Sequence[int]],
+                   kind: str = "kv") -> list[torch.Tensor]:
+        """Send ``chunks[j]`` to band j and receive band j's chunk for this band, of shape ``shapes[j]``
+        (sizes may differ per band; point to point, so any backend and uneven bands work). Returns the
+        received chunks in band order, this band's own chunk as it is."""
+        if len(chunks) != self.size or len(shapes) != self.size:
+            raise ValueError(f"all_to_all needs one chunk and one shape per band ({self.size})")
+        me = self._index
+        out = [chunks[me] if j == me else chunks[me].new_empty(tuple(shapes[j])) for j in range(self.size)]
+        if self.size == 1:
+            return out
+        ops, sent, received = [], 0, 0
+        for j, peer in enumerate(self.ranks):
+            if j == me:
+                continue
+            send = chunks[j].contiguous()
+            ops.append(dist.P2POp(dist.irecv, out[j], peer, self.group))
+            ops.append(dist.P2POp(dist.isend, send, peer, self.group))
+            sent, received = sent + tensor_bytes(send), received + tensor_bytes(out[j])
+        with self.stats.time(kind):
+            for work in batch_isend_irecv(ops):
+                work.wait()
+        self.stats.add(kind, sent, received)
+        return out
+
 
 def gather_batch(
     x: torch.Tensor, group: Any = None, stats: CommStats | None = None, kind: str = "batch",

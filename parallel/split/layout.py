@@ -140,7 +140,8 @@ class ParallelPlan:
 
 def band_alignment(model_or_family) -> int:
     """The one band rule: every band start is a multiple of the UNet's total downsampling,
-    ``2 ** (len(channel_mult) - 1)`` latent rows (SD1.x/2.x: 8, SDXL: 4).
+    ``2 ** (len(channel_mult) - 1)`` latent rows (SD1.x/2.x: 8, SDXL: 4); for a DiT, of its patch size (one
+    token row; video may split frames instead, see tokens.py).
 
     The run (``submit.preflight`` splits with it) and the web overlay (``web_routes.layout_for``) both use this
     function. Accepts a ComfyUI ``ModelPatcher`` (or anything with ``get_model_object``), a UNet (anything with
@@ -149,7 +150,8 @@ def band_alignment(model_or_family) -> int:
     each downsampling; a checkpoint's ``model.diffusion_model.`` prefix is fine). Raises LayoutError when the
     alignment cannot be told (e.g. a state dict of no UNet).
     """
-    families = {"sd1": 3, "sd15": 3, "sd1.5": 3, "sd2": 3, "sd21": 3, "sd2.1": 3, "sdxl": 2}  # downsamplings
+    families = {"sd1": 3, "sd15": 3, "sd1.5": 3, "sd2": 3, "sd21": 3, "sd2.1": 3, "sdxl": 2,  # downsamplings
+                "flux": 1, "sd3": 1, "sd35": 1, "qwenimage": 1, "wan": 1}  # DiTs: one token row of patch 2
     if isinstance(model_or_family, bool):
         raise LayoutError(f"no band alignment for {model_or_family!r}")
     if isinstance(model_or_family, int):
@@ -159,7 +161,8 @@ def band_alignment(model_or_family) -> int:
     if isinstance(model_or_family, str):
         key = model_or_family.strip().lower().replace("_", "").replace("-", "")
         if key not in families:
-            raise LayoutError(f"unknown model family {model_or_family!r}; known: sd15, sd2, sdxl")
+            raise LayoutError(f"unknown model family {model_or_family!r}; known: sd15, sd2, sdxl, flux, sd3, "
+                              f"qwen_image, wan")
         return 2 ** families[key]
     unet = model_or_family
     if hasattr(unet, "get_model_object"):
@@ -167,6 +170,9 @@ def band_alignment(model_or_family) -> int:
     channel_mult = getattr(unet, "channel_mult", None)
     if channel_mult is not None:
         return 2 ** (len(channel_mult) - 1)
+    patch = getattr(getattr(unet, "x_embedder", unet), "patch_size", None)  # a DiT: one token row
+    if patch is not None:
+        return int(patch[-1]) if isinstance(patch, (tuple, list)) else int(patch)
     if isinstance(unet, (list, tuple, set, frozenset)) or hasattr(unet, "keys"):
         names = list(unet.keys()) if hasattr(unet, "keys") else list(unet)
         blocks = {n.split("input_blocks.", 1)[1].split(".", 1)[0] for n in names

@@ -36,6 +36,7 @@ from .band_ops import band_conv2d, band_conv_geometry, band_group_norm, band_kv,
 from .comm import BandGroup, CommStats, gather_batch
 from .displaced import StaleCall, StaleEngine, StaleOptions, StepClock
 from .layout import LayoutError, ParallelPlan, split_rows
+from .twins import twin
 
 __all__ = [
     "WRAPPER_KEY",
@@ -367,33 +368,11 @@ def _group_norm_forward(self: torch.nn.GroupNorm, x: torch.Tensor, *args: Any, *
     return band_group_norm(x, self.num_groups, weight, bias, self.eps, band)  # exact, also policy "sync"
 
 
-_BAND_CLASSES: dict[type, type] = {}
-_BAND_LOCK = threading.Lock()
-
-
-def _band_class(base: type) -> type:
-    with _BAND_LOCK:
-        cls = _BAND_CLASSES.get(base)
-        if cls is None:
-            forward = _conv_forward if issubclass(base, torch.nn.Conv2d) else _group_norm_forward
-            cls = type(f"Band{base.__name__}", (base,), {"forward": forward, "_hp_base": base, "__module__": __name__})
-            _BAND_CLASSES[base] = cls
-        return cls
-
-
 def _band_module(module: torch.nn.Module) -> torch.nn.Module:
-    """A band-aware twin of ``module`` that shares its ``__dict__`` (not a copy of it).
-
-    Sharing the dict makes the twin the same module for ComfyUI: parameters set by weight loading or
-    LoRA patching (by name, through whichever object is in the tree), ``comfy_patched_weights`` and
-    lowvram ``weight_function`` bookkeeping all land in both. A copy would freeze that bookkeeping:
-    e.g. a stale ``comfy_patched_weights = True`` copied while another patcher had the model loaded
-    makes ModelPatcher.load skip the module and silently drop its LoRA.
-    """
-    base = getattr(type(module), "_hp_base", type(module))  # a twin of a twin is a twin of the original
-    twin = object.__new__(_band_class(base))
-    object.__setattr__(twin, "__dict__", module.__dict__)
-    return twin
+    """A band-aware twin of a Conv2d or GroupNorm (see twins.py: it shares the module's ``__dict__``)."""
+    base = getattr(type(module), "_hp_base", type(module))
+    forward = _conv_forward if issubclass(base, torch.nn.Conv2d) else _group_norm_forward
+    return twin(module, "Band", forward)
 
 
 def _needs_band_module(m: torch.nn.Module) -> bool:
@@ -578,18 +557,66 @@ class BandParallelRuntime:
         self.band_group = self.peer_group = None
         self._closed = True
 
-    def band_for(self, height: int) -> BandGroup:
-        """This rank's band of a latent of ``height`` rows (cached per height)."""
+    def band_for(self, height: int, align: int | None = None) -> BandGroup:
+        """This rank's band of ``height`` rows at ``align`` (default: the runtime's; DiTs split token rows
+        or frames at 1), cached per (height, align)."""
         if self._closed:
             raise RuntimeError("this BandParallelRuntime was closed; make a new one for the next job")
-        band = self._bands.get(height)
+        align = self.align if align is None else int(align)
+        band = self._bands.get((height, align))
         if band is None:
-            bands = split_rows(height, self.plan.bands_per_group, self.align, self.weights)
+            bands = split_rows(height, self.plan.bands_per_group, align, self.weights)
             band = BandGroup(
                 self.plan.band_ranks(self.batch_group), self.rank, bands, group=self.band_group, stats=self.stats
             )
-            self._bands[height] = band
+            self._bands[(height, align)] = band
         return band
+
+    def cut_batch(self, batch: int, values: dict[str, Any], transformer_options: dict) -> tuple[int, int] | None:
+        """Cut, in place in ``values`` and ``transformer_options``, every batch-sized entry to this batch
+        group's samples; returns ``(lo, hi)``, or None when this group computes the whole batch."""
+        cut = self.batch_slice(batch)
+        if cut is None:
+            return None
+        lo, hi = cut
+
+        def part(t: Any) -> Any:
+            if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == batch:
+                return t[lo:hi]
+            if isinstance(t, list):
+                return [part(i) for i in t]
+            return t
+
+        for key in list(values):
+            values[key] = part(values[key])
+        for key in ("cond_or_uncond", "uuids"):
+            if isinstance(transformer_options.get(key), list):
+                transformer_options[key] = _chunk_slice(transformer_options[key], batch, lo, hi)
+        return cut
+
+    def snapshot(self) -> tuple[dict, dict, dict]:
+        """The byte and wait counters before a call (``record_call`` reports the difference)."""
+        return dict(self.stats.sent), dict(self.stats.received), dict(self.stats.seconds)
+
+    def step_of(self, transformer_options: Mapping[str, Any]) -> tuple[float | None, int, int]:
+        """(sigma, step, slot) of a model call: a step starts when sigma changes (displaced.StepClock)."""
+        sigma_t = transformer_options.get("sigmas")
+        sigma = float(sigma_t.flatten()[0]) if isinstance(sigma_t, torch.Tensor) and sigma_t.numel() else None
+        step, slot = self.clock.tick(sigma)
+        return sigma, step, slot
+
+    def record_call(self, sigma: float | None, step: int, slot: int, call: StaleCall | None, batch: int,
+                    computed: int, rows: tuple[int, int], before: tuple[dict, dict, dict], **extra: Any) -> None:
+        """One entry of ``calls``: what a model call computed, its bytes and waits by kind."""
+        sent0, recv0, secs0 = before
+        self.calls.append({
+            "sigma": sigma, "step": step, "slot": slot, "stale": bool(call is not None and call.stale),
+            "batch": batch, "computed_batch": computed, "rows": rows,
+            "sent": {k: v - sent0.get(k, 0) for k, v in self.stats.sent.items()},
+            "received": {k: v - recv0.get(k, 0) for k, v in self.stats.received.items()},
+            "seconds": {k: v - secs0.get(k, 0.0) for k, v in self.stats.seconds.items() if v != secs0.get(k, 0.0)},
+            **extra,
+        })
 
     def batch_sizes(self, batch: int) -> list[int] | None:
         """How many samples each batch group computes (as equal as possible), or None when every
@@ -632,29 +659,13 @@ class BandParallelRuntime:
             )
         batch, height = x.shape[0], x.shape[-2]
         band = self.band_for(height)
-        sent0, recv0, secs0 = dict(self.stats.sent), dict(self.stats.received), dict(self.stats.seconds)
-        sigma_t = transformer_options.get("sigmas")
-        sigma = float(sigma_t.flatten()[0]) if isinstance(sigma_t, torch.Tensor) and sigma_t.numel() else None
-        step, slot = self.clock.tick(sigma)
-
-        cut = self.batch_slice(batch)
+        before = self.snapshot()
+        sigma, step, slot = self.step_of(transformer_options)
         to = dict(transformer_options)
-        if cut is not None:
-            lo, hi = cut
-
-            def half(t: Any) -> Any:
-                if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == batch:
-                    return t[lo:hi]
-                if isinstance(t, list):
-                    return [half(i) for i in t]
-                return t
-
-            x, timesteps, y = x[lo:hi], half(timesteps), half(y)
-            context = half(context)
-            kwargs = {k: half(v) for k, v in kwargs.items()}
-            for key in ("cond_or_uncond", "uuids"):
-                if isinstance(to.get(key), list):
-                    to[key] = _chunk_slice(to[key], batch, lo, hi)
+        values = {"x": x, "timesteps": timesteps, "context": context, "y": y, **kwargs}
+        cut = self.cut_batch(batch, values, to)
+        x, timesteps, context, y = (values.pop(k) for k in ("x", "timesteps", "context", "y"))
+        kwargs = values
         s, e = band.rows
         to[_TO_KEY] = {"rows": (s, e), "full_height": height, "bands": list(band.bands), "index": band.index}
         control = slice_control(
@@ -672,18 +683,8 @@ class BandParallelRuntime:
         if cut is not None:
             out = gather_batch(out, self.peer_group, self.stats, sizes=self.batch_sizes(batch))
 
-        self.calls.append({
-            "sigma": sigma,
-            "step": step,
-            "slot": slot,
-            "stale": bool(call is not None and call.stale),
-            "batch": batch,
-            "computed_batch": out.shape[0] if cut is None else cut[1] - cut[0],
-            "rows": (s, e),
-            "sent": {k: v - sent0.get(k, 0) for k, v in self.stats.sent.items()},
-            "received": {k: v - recv0.get(k, 0) for k, v in self.stats.received.items()},
-            "seconds": {k: v - secs0.get(k, 0.0) for k, v in self.stats.seconds.items() if v != secs0.get(k, 0.0)},
-        })
+        self.record_call(sigma, step, slot, call, batch, out.shape[0] if cut is None else cut[1] - cut[0], (s, e),
+                         before)
         return out
 
     def __deepcopy__(self, memo: dict) -> "BandParallelRuntime":
