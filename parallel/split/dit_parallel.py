@@ -341,8 +341,12 @@ def _cut_control(control: Any, state: _DitCall, cut: tuple[int, int] | None, bat
         return control
 
     def one(c: Any) -> Any:
-        if not isinstance(c, torch.Tensor) or c.dim() != 3:
+        if c is None:
             return c
+        if not isinstance(c, torch.Tensor) or c.dim() != 3 or c.shape[1] != state.grid.tokens:
+            shape = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
+            raise UnsupportedModel(f"{state.fam.name}: a ControlNet residual of shape {shape} is not one entry per "
+                                   f"image token ({state.grid.tokens}), so it cannot be cut into bands; use 1 device")
         if cut is not None and c.shape[0] == batch:
             c = c[cut[0]:cut[1]]
         return state.cut(c, 1)

@@ -139,3 +139,14 @@ def test_stale_modes_fidelity(runs, world: int, name: str, broken: str | None) -
 # Measured (6 steps, warmup 1, fraction 0.5): displaced / partial 44 dB (Flux), 50 dB (Qwen-Image, 3 ranks),
 # 56-57 dB (Wan); the Flux run with its stale K/V zeroed 35 dB. The floor sits between.
 FLOOR_DB = 40.0
+
+
+def test_control_and_lora_change_the_reference() -> None:
+    """The ControlNet stand-in and the attention LoRA of the cases act on the result (else their cases would
+    prove nothing about cutting residuals or honouring LoRA in the bands)."""
+    base = next(c for c in dc.CASES[2] if c["name"] == "w2 flux euler 22x16")
+    for change in ({"control": True}, {"lora": True}):
+        other = reference({**base, **change})
+        diff = (other - reference(base)).abs().max().item()
+        print(f"  flux {change}: max change of the single-device result {diff:.2f}")
+        assert diff > 0.1

@@ -44,6 +44,8 @@ CASES: dict[int, list[dict[str, Any]]] = {
              debug="zero_kv"),
         case("w2 wan21 partial 14x12x3f", "wan21", "euler", 14, 12, mode="partial", steps=6),
         case("w2 wan21 displaced 14x12x3f", "wan21", "euler", 14, 12, mode="displaced", steps=6),
+        case("w2 flux euler control 22x16", "flux", "euler", 22, 16, control=True),
+        case("w2 cfgpar sd3 euler control 22x16", "sd3", "euler", 22, 16, control=True, cfg_parallel=True),
     ],
     3: [
         case("w3 flux euler_ancestral lora 22x16", "flux", "euler_ancestral", 22, 16, lora=True),
@@ -54,8 +56,49 @@ CASES: dict[int, list[dict[str, Any]]] = {
         case("w3 wan22 euler 12x12x4f", "wan22", "euler", 12, 12, frames=4),
         case("w3 flux ulysses (heads 4 % 3: refused)", "flux", "euler", 22, 16, attention="ulysses"),
         case("w3 qwen_image partial 26x16", "qwen_image", "euler", 26, 16, mode="partial", steps=6),
+        case("w3 qwen_image euler control 22x16", "qwen_image", "euler", 22, 16, control=True),
     ],
 }
+
+
+def _control_class() -> type:
+    import comfy.controlnet
+
+    class TokenControl(comfy.controlnet.ControlBase):
+        """A ControlNet stand-in for DiTs: one residual per image token of the width the blocks carry (as
+        ComfyUI's Flux / SD3 / Qwen-Image ControlNets give), computed from x_noisy (so it depends on position
+        and batch); "input" for every double block (Flux, Qwen-Image), "output" for every block after it (Flux
+        single blocks, SD3 joint blocks), some entries None."""
+
+        def __init__(self, hidden: int, blocks: int, scale: float = 0.3) -> None:
+            super().__init__()
+            self.hidden, self.blocks, self.scale = hidden, blocks, scale
+
+        def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
+            b, c = x_noisy.shape[:2]
+            x = x_noisy.reshape(b, c, -1, x_noisy.shape[-2], x_noisy.shape[-1])[:, :, 0]  # first frame if 5-D
+            x = torch.nn.functional.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))
+            tokens = x.unfold(2, 2, 2).unfold(3, 2, 2).permute(0, 2, 3, 1, 4, 5).reshape(b, -1, c * 4)
+            reps = -(-self.hidden // tokens.shape[-1])
+            res = [torch.sin(tokens.repeat(1, 1, reps)[..., :self.hidden] * (i + 1)) * self.scale
+                   for i in range(self.blocks)]
+            res[1] = None
+            return {"input": list(res), "output": list(res)}
+
+        def copy(self):
+            out = TokenControl(self.hidden, self.blocks, self.scale)
+            self.copy_to(out)
+            return out
+
+    return TokenControl
+
+
+def add_control(model: Any, positive: list, negative: list) -> None:
+    dm = model.get_model_object("diffusion_model")
+    hidden = int(getattr(dm, "hidden_size", 0) or getattr(dm, "inner_dim", 0))
+    control = _control_class()(hidden, 2)
+    for cond in positive + negative:
+        cond[1]["control"] = control
 
 
 def build_model(c: dict[str, Any]) -> Any:
@@ -80,6 +123,8 @@ def sample_case(model: Any, c: dict[str, Any]) -> torch.Tensor:
     from support import tiny_dits as td
 
     positive, negative = td.make_dit_conds(model, 3)
+    if c["control"]:
+        add_control(model, positive, negative)
     latent = comfy.sample.fix_empty_latent_channels(model, latent_of(c))  # as KSampler: Qwen-Image's are 5-D
     noise = comfy.sample.prepare_noise(latent, c["seed"])
     out = comfy.sample.sample(model, noise, c["steps"], c["cfg"], c["sampler"], c["scheduler"], positive, negative,
