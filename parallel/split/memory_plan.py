@@ -242,6 +242,75 @@ def estimate_plan(*, weights_bytes: int, latent_shape: Sequence[int], dtype: tor
             "band_rows": heights[me], "call_batch": call_batch, "itemsize": itemsize}
 
 
+@dataclass(frozen=True)
+class DitLayout:
+    """What a DiT's memory estimate needs: width, attention layers over image tokens, MLP ratio, patch."""
+
+    hidden: int
+    attn_layers: int
+    mlp_ratio: float
+    out_per_token: int
+    patch: tuple[int, int, int]
+
+
+def dit_layout(dm: Any) -> DitLayout:
+    """The DitLayout of a diffusion model of a family dit_families knows (AttributeError otherwise)."""
+    from .dit_families import dit_family
+
+    fam = dit_family(dm)
+    if fam is None:
+        raise AttributeError(f"{type(dm).__name__} is no DiT family this pack splits")
+    layers = sum(len(getattr(dm, attr)) for _, attr in fam.blocks)
+    hidden = int(getattr(dm, "hidden_size", 0) or getattr(dm, "inner_dim", 0) or getattr(dm, "dim", 0))
+    ffn = getattr(dm, "ffn_dim", None)
+    ratio = float(ffn) / hidden if ffn else float(getattr(getattr(dm, "params", None), "mlp_ratio", 4.0))
+    patch = fam.patch(dm)
+    out_ch = int(getattr(dm, "out_channels", 0) or getattr(dm, "out_dim", 16))
+    return DitLayout(hidden, layers, ratio, out_ch * patch[0] * patch[1] * patch[2], patch)
+
+
+def estimate_dit_plan(*, weights_bytes: int, latent_shape: Sequence[int], dtype: torch.dtype | int, world: int,
+                      bands: int, cfg_parallel: bool, mode: str, layout: DitLayout, fraction: float = 0.3,
+                      fraction_late: float | None = None, has_negative: bool = True, text_tokens: int = 512,
+                      band_weights: Sequence[float] | None = None) -> dict[str, Any]:
+    """Peak bytes on the busiest device of a DiT plan, by category (as ``estimate_plan`` for UNets).
+
+    Activations: the band's tokens through one block (hidden states, q/k/v, the MLP's widest layer) plus the
+    keys/values attended (every band's: the gathered copy); exchange: the gathered K/V buffers and the output
+    gather; stale (displaced / partial): per attention layer and call slot, one image's K/V (displaced) or
+    four windows (partial), see displaced.py."""
+    from .tokens import split_units, token_grid
+
+    itemsize = dtype if isinstance(dtype, int) else torch.empty((), dtype=dtype).element_size()
+    b = int(latent_shape[0])
+    branches = 2 if has_negative else 1
+    call_batch = b if cfg_parallel and has_negative else b * branches
+    if mode == "batch":
+        call_batch, bands = _ceil_div(call_batch, max(1, world)), 1
+    bands = max(1, int(bands))
+    grid = token_grid(latent_shape, layout.patch, bands, band_weights)
+    units = [e - s for s, e in split_units(grid, bands, band_weights)]
+    own = max(units) * grid.width
+    full, h = grid.tokens, layout.hidden
+    per_tok = call_batch * h * itemsize
+    local = own + text_tokens
+    activations = int(local * per_tok * (6 + layout.mlp_ratio) + 2 * (full + text_tokens) * per_tok)
+    latent = 3 * call_batch * full * layout.out_per_token * 4
+    exchange = 0
+    if bands > 1:
+        exchange = int(2 * bands * own * per_tok + full * call_batch * layout.out_per_token * itemsize * 2)
+    stale = 0
+    if mode in ("displaced", "partial") and bands > 1:
+        frac = max(fraction, fraction_late if fraction_late is not None else fraction)
+        neighbours = min(2, bands - 1)  # the busiest band: received and sent windows, each way it has a neighbour
+        kept = full if mode == "displaced" else 2 * neighbours * _window_rows(frac, max(units)) * grid.width
+        stale = int(layout.attn_layers * 2 * kept * per_tok)
+    parts = {"weights": int(weights_bytes), "activations": activations + latent, "exchange": exchange,
+             "stale": stale}
+    return {**parts, "total": sum(parts.values()), "mode": mode, "world": int(world), "bands": bands,
+            "band_tokens": own, "call_batch": call_batch, "itemsize": itemsize}
+
+
 def _advice(estimate: dict[str, Any]) -> str:
     mode, tips = estimate.get("mode"), []
     if estimate.get("stale", 0) > 0:
@@ -365,18 +434,21 @@ def check_preflight_memory(model: Any, latent_image: torch.Tensor, devices: Sequ
     Returns the estimate (None when skipped)."""
     if os.environ.get(SKIP_ENV, "").strip() not in ("", "0"):
         return None
+    dm = model.get_model_object("diffusion_model")
+    late = getattr(spec, "partial_fraction_late", None)
+    common = dict(weights_bytes=_weights_bytes(model), latent_shape=tuple(latent_image.shape),
+                  dtype=_compute_dtype(model), world=len(devices), bands=plan.bands_per_group,
+                  cfg_parallel=bool(spec.cfg_parallel), mode=spec.mode,
+                  fraction=float(getattr(spec, "partial_fraction", 0.3)), fraction_late=late,
+                  has_negative=has_negative, band_weights=getattr(spec, "weights", None))
     try:
-        layout = unet_layout(model.get_model_object("diffusion_model"))
-    except (AttributeError, TypeError) as e:  # not an openaimodel UNet: the support check speaks for it
+        if hasattr(dm, "channel_mult"):
+            est = estimate_plan(layout=unet_layout(dm), **common)
+        else:
+            est = estimate_dit_plan(layout=dit_layout(dm), **common)
+    except (AttributeError, TypeError) as e:  # a model the support check refuses: it speaks for it
         log.debug("HiRes Parallel: no memory estimate for this model (%s)", e)
         return None
-    late = getattr(spec, "partial_fraction_late", None)
-    est = estimate_plan(
-        weights_bytes=_weights_bytes(model), latent_shape=tuple(latent_image.shape), dtype=_compute_dtype(model),
-        world=len(devices), bands=plan.bands_per_group, cfg_parallel=bool(spec.cfg_parallel), mode=spec.mode,
-        layout=layout, fraction=float(getattr(spec, "partial_fraction", 0.3)), fraction_late=late,
-        has_negative=has_negative, band_weights=getattr(spec, "weights", None),
-    )
     free = free_bytes(devices)
     cuda = {d: f for d, f in free.items() if d != "cpu"}
     try:
