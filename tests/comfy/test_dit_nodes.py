@@ -91,3 +91,13 @@ def test_bad_dit_input_is_refused_before_any_work():
     with pytest.raises(UnsupportedModel, match="dit replace"):
         _ksampler(patched, conds, empty_latent("flux", 22, 16))
     assert current_pool() is None, "a refused run must not start workers"
+
+
+def test_batch_mode_shares_a_dit_batch_over_devices():
+    model = build_tiny_dit("sd3")
+    conds = make_dit_conds(model, 3)
+    latent = empty_latent("sd3", 16, 16, batch=3)  # 3 images x (cond, uncond) = 6 per call over 2 devices
+    ref = comfy_reference(model, conds, {"samples": latent}, steps=3, cfg=4.0, sampler="euler", scheduler="simple")
+    out = _ksampler(model, conds, latent, mode="batch")
+    ref.noise_tolerance.check("sd3 batch mode, 2 CPU workers", out, ref)
+    assert _last_run()["ranks"][1]["comm"]["bytes_sent"]["batch"] > 0
