@@ -4,12 +4,16 @@ Each workflow is described below as nodes with widget values and links by input 
 them out and writes example_workflows/<name>.json and <name>.jpg. The server tests load these files
 and run them on a real ComfyUI.
 
-    python tools/make_workflows.py
+    python tools/make_workflows.py                 # all of them
+    python tools/make_workflows.py NAME [NAME ...]  # only these (names of WORKFLOWS below)
+
+The output is deterministic: rewriting an unchanged workflow gives the same bytes.
 """
 from __future__ import annotations
 
 import json
 import pathlib
+import sys
 import uuid
 
 OUT = pathlib.Path(__file__).resolve().parents[1] / "example_workflows"
@@ -34,6 +38,16 @@ OUTPUTS = {
     "HiResParallelCoopGuider": [("GUIDER", "GUIDER")],
     "HiResParallelTimeDecoupledGuider": [("GUIDER", "GUIDER")],
     "HiResParallelStructureGuidedHiRes": [("MODEL", "MODEL")],
+    "UNETLoader": [("MODEL", "MODEL")],
+    "DualCLIPLoader": [("CLIP", "CLIP")],
+    "CLIPLoader": [("CLIP", "CLIP")],
+    "VAELoader": [("VAE", "VAE")],
+    "FluxGuidance": [("CONDITIONING", "CONDITIONING")],
+    "ConditioningZeroOut": [("CONDITIONING", "CONDITIONING")],
+    "EmptySD3LatentImage": [("LATENT", "LATENT")],
+    "ModelSamplingSD3": [("MODEL", "MODEL")],
+    "EmptyHunyuanLatentVideo": [("LATENT", "LATENT")],
+    "SaveAnimatedWEBP": [],
 }
 # Socket (non-widget) inputs of those types: (name, type, optional).
 INPUTS = {
@@ -59,12 +73,19 @@ INPUTS = {
                                          ("positive_b", "CONDITIONING"), ("negative_b", "CONDITIONING"),
                                          ("vae_a", "VAE"), ("vae_b", "VAE")],
     "HiResParallelStructureGuidedHiRes": [("model", "MODEL")],
+    "FluxGuidance": [("conditioning", "CONDITIONING")],
+    "ConditioningZeroOut": [("conditioning", "CONDITIONING")],
+    "ModelSamplingSD3": [("model", "MODEL")],
+    "SaveAnimatedWEBP": [("images", "IMAGE")],
 }
 SIZES = {"CheckpointLoaderSimple": (315, 98), "CLIPTextEncode": (400, 160), "KSampler": (315, 262),
          "HiResParallelRelayUpscaleSampler": (340, 430), "HiResParallelPatchParallelKSampler": (340, 400), "SaveImage": (420, 440), "PreviewImage": (300, 300),
          "HiResParallelParaTAASampler": (340, 370), "SamplerCustomAdvanced": (300, 110),
          "HiResParallelCoopGuider": (340, 480), "HiResParallelTimeDecoupledGuider": (340, 330),
-         "HiResParallelStructureGuidedHiRes": (340, 400)}
+         "HiResParallelStructureGuidedHiRes": (340, 400), "UNETLoader": (315, 82), "DualCLIPLoader": (315, 130),
+         "CLIPLoader": (315, 106), "VAELoader": (315, 58), "FluxGuidance": (317, 58), "ConditioningZeroOut": (317, 26),
+         "EmptySD3LatentImage": (315, 106), "ModelSamplingSD3": (315, 58), "EmptyHunyuanLatentVideo": (315, 130),
+         "SaveAnimatedWEBP": (420, 460)}
 
 
 def build(nodes: list[dict], links: list[tuple[int, str, int, str]]) -> dict:
@@ -145,7 +166,7 @@ def patch_parallel_ksampler() -> dict:
         {"id": 4, "type": "EmptyLatentImage", "pos": (380, 440), "widgets_values": [2048, 2048, 1]},
         {"id": 5, "type": "HiResParallelPatchParallelKSampler", "pos": (820, 40), "title": "Patch-Parallel KSampler",
          "widgets_values": [0, "fixed", 30, 7.0, "euler", "karras", 1.0, 0, "auto", "exact", "auto", "", 0, 0.3, -1.0,
-                            "auto"]},
+                            "auto", "share", "auto"]},
         {"id": 6, "type": "VAEDecode", "pos": (1200, 40)},
         {"id": 7, "type": "SaveImage", "pos": (1440, 40), "widgets_values": ["HiResParallel_patch_parallel"]},
     ]
@@ -271,6 +292,74 @@ def structure_guided_hires() -> dict:
     return build(nodes, links)
 
 
+# Patch-Parallel KSampler widgets after denoise: devices (0 = every GPU), device_kind, mode, cfg_parallel,
+# device_weights, warmup, partial_fraction, partial_fraction_late, groupnorm, comfy_gpu, sequence_attention.
+PARALLEL_DEFAULTS = [0, "auto", "exact", "auto", "", 0, 0.3, -1.0, "auto", "share", "auto"]
+
+
+def flux_patch_parallel_2048() -> dict:
+    """Flux.1-dev from its split files at 2048x2048, every step split over all GPUs (token bands that
+    exchange attention keys/values). cfg 1 as Flux-dev wants: the guidance is FluxGuidance's 3.5, the
+    negative (zeroed) is skipped by ComfyUI, so every GPU takes a band."""
+    nodes = [
+        {"id": 1, "type": "UNETLoader", "pos": (20, 40), "widgets_values": ["flux1-dev.safetensors", "default"]},
+        {"id": 2, "type": "DualCLIPLoader", "pos": (20, 200),
+         "widgets_values": ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"]},
+        {"id": 3, "type": "VAELoader", "pos": (20, 420), "widgets_values": ["ae.safetensors"]},
+        {"id": 4, "type": "CLIPTextEncode", "pos": (380, 40), "title": "Prompt",
+         "widgets_values": ["a sprawling alpine village at golden hour seen from a hillside, snow-capped peaks, "
+                            "wooden chalets with warm lit windows, a winding river, pine forest, crisp air, "
+                            "ultra detailed, sharp focus, 35mm photograph"]},
+        {"id": 5, "type": "FluxGuidance", "pos": (820, 40), "widgets_values": [3.5]},
+        {"id": 6, "type": "ConditioningZeroOut", "pos": (820, 160), "title": "Negative (zeroed, unused at cfg 1)"},
+        {"id": 7, "type": "EmptySD3LatentImage", "pos": (820, 260), "widgets_values": [2048, 2048, 1]},
+        {"id": 8, "type": "HiResParallelPatchParallelKSampler", "pos": (1180, 40),
+         "title": "Patch-Parallel KSampler (all GPUs)",
+         "widgets_values": [0, "fixed", 20, 1.0, "euler", "simple", 1.0, *PARALLEL_DEFAULTS]},
+        {"id": 9, "type": "VAEDecode", "pos": (1560, 40)},
+        {"id": 10, "type": "SaveImage", "pos": (1800, 40), "widgets_values": ["HiResParallel_flux_2048"]},
+    ]
+    links = [
+        (2, "CLIP", 4, "clip"), (4, "CONDITIONING", 5, "conditioning"), (4, "CONDITIONING", 6, "conditioning"),
+        (1, "MODEL", 8, "model"), (5, "CONDITIONING", 8, "positive"), (6, "CONDITIONING", 8, "negative"),
+        (7, "LATENT", 8, "latent_image"), (8, "LATENT", 9, "samples"), (3, "VAE", 9, "vae"), (9, "IMAGE", 10, "images"),
+    ]
+    return build(nodes, links)
+
+
+def wan_t2v_patch_parallel() -> dict:
+    """Wan 2.1 14B text-to-video, 81 frames at 1280x720, every step split over all GPUs (cfg 6: with an even
+    number of GPUs, cond and uncond on one half each, the video's tokens split in bands within each half)."""
+    nodes = [
+        {"id": 1, "type": "UNETLoader", "pos": (20, 40),
+         "widgets_values": ["wan2.1_t2v_14B_fp16.safetensors", "default"]},
+        {"id": 2, "type": "CLIPLoader", "pos": (20, 200),
+         "widgets_values": ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"]},
+        {"id": 3, "type": "VAELoader", "pos": (20, 380), "widgets_values": ["wan_2.1_vae.safetensors"]},
+        {"id": 4, "type": "CLIPTextEncode", "pos": (380, 40), "title": "Positive",
+         "widgets_values": ["a red fox trotting through fresh snow in a quiet birch forest, soft morning light, "
+                            "snowflakes drifting, the camera slowly tracks alongside it, cinematic, highly detailed"]},
+        {"id": 5, "type": "CLIPTextEncode", "pos": (380, 240), "title": "Negative",
+         "widgets_values": ["oversaturated, overexposed, static, blurry details, subtitles, still image, gray, worst "
+                            "quality, low quality, jpeg artifacts, ugly, deformed, extra limbs, disfigured, messy "
+                            "background, walking backwards"]},
+        {"id": 6, "type": "EmptyHunyuanLatentVideo", "pos": (380, 440), "widgets_values": [1280, 720, 81, 1]},
+        {"id": 7, "type": "ModelSamplingSD3", "pos": (820, 40), "widgets_values": [8.0]},
+        {"id": 8, "type": "HiResParallelPatchParallelKSampler", "pos": (1180, 40),
+         "title": "Patch-Parallel KSampler (all GPUs)",
+         "widgets_values": [0, "fixed", 30, 6.0, "uni_pc", "simple", 1.0, *PARALLEL_DEFAULTS]},
+        {"id": 9, "type": "VAEDecode", "pos": (1560, 40)},
+        {"id": 10, "type": "SaveAnimatedWEBP", "pos": (1800, 40),
+         "widgets_values": ["HiResParallel_wan_t2v", 16.0, False, 90, "default"]},
+    ]
+    links = [
+        (2, "CLIP", 4, "clip"), (2, "CLIP", 5, "clip"), (1, "MODEL", 7, "model"),
+        (7, "MODEL", 8, "model"), (4, "CONDITIONING", 8, "positive"), (5, "CONDITIONING", 8, "negative"),
+        (6, "LATENT", 8, "latent_image"), (8, "LATENT", 9, "samples"), (3, "VAE", 9, "vae"), (9, "IMAGE", 10, "images"),
+    ]
+    return build(nodes, links)
+
+
 def thumbnail(path: pathlib.Path, title: str, boxes: list[tuple[str, int]]) -> None:
     """A schematic of the pipeline: one box per stage, sized by its output resolution."""
     from PIL import Image, ImageDraw
@@ -301,16 +390,25 @@ WORKFLOWS = {
                        [("SD1.5 512", 80), ("VAE bridge", 100), ("SDXL 1024", 160)]),
     "structure_guided_hires": (structure_guided_hires, "Structure-guided hires: SDXL at 2048x2048 and 1024x2048",
                                [("strided views", 70), ("key-view guidance", 100), ("windows 2048", 160)]),
+    "flux_patch_parallel_2048": (flux_patch_parallel_2048, "Flux.1-dev at 2048x2048 on all GPUs",
+                                 [("GPU 0 tokens", 70), ("GPU 1 tokens", 70), ("gathered K/V, 2048", 160)]),
+    "wan_t2v_patch_parallel": (wan_t2v_patch_parallel, "Wan 2.1 text-to-video over all GPUs",
+                               [("cond | uncond", 80), ("frame tokens / GPU", 100), ("81 frames 720p", 130)]),
 }
 
 
-def main() -> None:
+def main(names: list[str] | None = None) -> None:
+    unknown = sorted(set(names or []) - set(WORKFLOWS))
+    if unknown:
+        raise SystemExit("unknown workflow(s) {}; known: {}".format(", ".join(unknown), ", ".join(WORKFLOWS)))
     OUT.mkdir(exist_ok=True)
     for name, (make, title, boxes) in WORKFLOWS.items():
+        if names and name not in names:
+            continue
         (OUT / f"{name}.json").write_text(json.dumps(make(), indent=2) + "\n")
         thumbnail(OUT / f"{name}.jpg", title, boxes)
         print("wrote", OUT / f"{name}.json")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
