@@ -101,3 +101,23 @@ def test_repetition_benchmark_counts_subjects_and_compares_parallel_modes(tmp_pa
     from PIL import Image
 
     assert Image.open(grid).size[0] > 2 * 64  # two columns (scales 1, 2) of 64-pixel cells plus labels
+
+
+def test_dit_benchmark_prints_tables_and_writes_json(tmp_path, comfy_root):
+    out = tmp_path / "dit.json"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_dit.py"), "--size", "16", "--hidden", "64",
+                        "--steps", "3", "--repeat", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "MEASURED" in r.stdout and "ANALYTIC" in r.stdout and "xDiT published" in r.stdout
+    data = json.loads(out.read_text())
+    by = {row["mode"]: row for row in data["measured"] if row["ranks"] == 2}
+    assert set(by) == {"gathered_kv", "ulysses", "displaced", "partial"}
+    assert by["gathered_kv"]["attention"] == ["gathered_kv"] and by["ulysses"]["attention"] == ["ulysses"]
+    assert by["gathered_kv"]["psnr_db"] > 100 and by["ulysses"]["psnr_db"] > 100  # exact: float rounding only
+    assert by["partial"]["sent_per_step_rank0"]["kv"] < by["displaced"]["sent_per_step_rank0"]["kv"]
+    # Flux.1-dev at 2048^2 on 2 devices, gathered K/V: 57 layers x 8192 tokens x 2 x 3072 x 2 bytes
+    flux = next(row for row in data["analytic"] if row["model"] == "Flux.1-dev" and row["image"] == "2048^2"
+                and row["n"] == 2 and row["mode"] == "gathered_kv")
+    assert flux["sent"]["kv"] == 57 * 8192 * 2 * 3072 * 2
+    wan = {row["n"]: row["axis"] for row in data["analytic"] if row["model"] == "Wan 2.2 14B"}
+    assert set(wan) == {2, 4, 8}
