@@ -18,10 +18,36 @@ At 1x the hires methods would only repeat the native pass (the relay starts from
 and 3x only; the grid shows the native image in their 1x column.
 
 Metrics (benchmarks/metrics.py) on the decoded images: connected components of the prompt's colour
-(mean count, share of images with exactly one), their size as a share of the canvas. Prints a table,
-writes JSON and one image grid (rows: methods; columns: scales, for the first seeds).
+(mean count, share of images with exactly one), their size as a share of the canvas, and the background
+texture: ``metrics.background_texture``, the mean squared Laplacian of the pixels outside every subject
+component and more than 16 pixels (the VAE's ringing around edges) from one and from the border, a
+per-pixel mean at the image's own pixel scale, so a 768-pixel background as finely grained as the
+256-pixel one scores the same and one made of enlarged blotches scores lower.
+Columns "bg tex" (median over the seeds: one seed's background may hold a pattern the others lack, such
+as the VAE's 8-pixel lattice on striped backgrounds, and dominate a mean), "vs 1x" (against the same
+seed's native image, plain at 1x) and "vs plain" (against plain sampling of the same seed at the same
+size); the ratios are geometric means over the seeds of the per-seed ratios (seeds whose reference has
+no background, or a zero one, are left out). The statistic grows with the pattern's contrast as well as
+its fineness: coarse blotches of high contrast can outscore a faint fine grain. Prints a table, writes
+JSON (rows and per image, with every image's texture and ratios) and one image grid (rows: methods;
+columns: scales, for the first seeds).
+
+Seeds and prompts. By default seeds 0..N-1, and seed s gets the (s mod 12)-th built-in colour/shape pair
+("a red circle", "a red square", "a red triangle", "a green circle", ... "a yellow triangle"). Held-out
+checks, on cases the defaults were not tuned on:
+
+* ``--seed-offset K``: seeds K..K+N-1 (the noise of every method follows the seed); with the built-in
+  prompts seed s still gets pair s mod 12, so a new seed also meets its prompt for the first time.
+* ``--prompts "a blue triangle,a red circle"``: comma-separated prompts used instead of the built-in
+  pairs; the i-th seed of the run (seed K+i) gets prompt i mod len(list). Each prompt must name exactly
+  one subject colour (red, green, blue, yellow): the metrics count that colour. Shapes are free text
+  (the model was trained on circle, square, triangle).
+
+The table header and the JSON ("settings": seeds, seed_offset, prompts per seed, prompt_source, held_out)
+say which seeds and prompts were used.
 
     python benchmarks/bench_repetition.py [--seeds 12] [--steps 20] [--relay-steps 12]
+    python benchmarks/bench_repetition.py --seeds 4 --seed-offset 16 --prompts "a blue triangle,a yellow circle"
 """
 from __future__ import annotations
 
@@ -45,9 +71,16 @@ RELAY_TIMESTEP = {2: 500.0, 3: 600.0}  # README: 500 for 2x, 600 for 3x to 4x
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=HELD_OUT_HELP,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="", help="model file (default: models/hires_shapes.safetensors)")
-    ap.add_argument("--seeds", type=int, default=12, help="seeds 0..N-1, prompt i = the i-th colour/shape pair")
+    ap.add_argument("--seeds", type=int, default=12,
+                    help="number of seeds N: seeds K..K+N-1 with K = --seed-offset (default: 0..N-1)")
+    ap.add_argument("--seed-offset", type=int, default=0, metavar="K",
+                    help="first seed (held-out check: seeds the defaults were not tuned on); default 0")
+    ap.add_argument("--prompts", default="", metavar="P1,P2,...",
+                    help="comma-separated prompts, each naming one subject colour; the i-th seed of the run "
+                         "gets prompt i mod their number (default: seed s gets built-in pair s mod 12)")
     ap.add_argument("--scales", default="1,2,3")
     ap.add_argument("--steps", type=int, default=20, help="steps of plain / deep shrink / structure guidance")
     ap.add_argument("--relay-steps", type=int, default=12, help="steps after the relay point")
@@ -61,7 +94,76 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cell", type=int, default=144, help="grid cell side in pixels")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "repetition.json"))
     ap.add_argument("--grid", default=str(REPO / "docs" / "images" / "repetition_grid.png"))
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error(f"--seeds must be at least 1; got {args.seeds}")
+    if args.seed_offset < 0:
+        ap.error(f"--seed-offset must be >= 0; got {args.seed_offset}")
+    try:
+        parse_prompts(args.prompts)
+    except ValueError as e:
+        ap.error(str(e))
+    return args
+
+
+HELD_OUT_HELP = """held-out checks:
+  --seed-offset 16              seeds 16..16+N-1; built-in prompts: seed s gets pair s mod 12
+  --prompts "a blue triangle,a red circle"
+                                the i-th seed (K+i) gets prompt i mod 2; each prompt names one colour
+                                (red, green, blue, yellow), the colour whose subjects are counted
+The table header and the JSON settings (seeds, seed_offset, prompts, prompt_source, held_out) say which."""
+
+
+def builtin_pairs() -> list[tuple[str, str]]:
+    """The built-in (colour, shape) pairs in their fixed order: red circle, red square, ..., yellow triangle."""
+    import shapes_data
+
+    return [(c, s) for c in shapes_data.COLORS for s in shapes_data.SHAPES]
+
+
+def parse_prompts(text: str) -> list[tuple[str, str]]:
+    """``--prompts``: [(prompt, colour)], in order; [] when empty. Each prompt names exactly one subject colour."""
+    import shapes_data
+
+    out = []
+    for prompt in (p.strip() for p in text.split(",")):
+        if not prompt:
+            continue
+        named = [w for w in prompt.lower().replace("-", " ").split() if w in shapes_data.COLORS]
+        if len(set(named)) != 1:
+            raise ValueError(f"--prompts: {prompt!r} must name exactly one of {list(shapes_data.COLORS)} "
+                             f"(the colour whose subjects are counted)")
+        out.append((prompt, named[0]))
+    if text.strip() and not out:
+        raise ValueError("--prompts: no prompt given")
+    return out
+
+
+def seeds_and_prompts(count: int, offset: int, prompts_arg: str) -> tuple[list[int], list[str], list[str], str]:
+    """(seeds, prompt per seed, colour per seed, where the prompts come from) for the run."""
+    import shapes_data
+
+    seeds = list(range(offset, offset + count))
+    given = parse_prompts(prompts_arg)
+    if given:
+        chosen = [given[i % len(given)] for i in range(count)]
+        source = f"--prompts ({len(given)}; the i-th seed gets prompt i mod {len(given)})"
+    else:
+        pairs = builtin_pairs()
+        chosen = [(shapes_data.prompt_for(*pairs[s % len(pairs)]), pairs[s % len(pairs)][0]) for s in seeds]
+        source = f"built-in colour/shape pairs (seed s gets pair s mod {len(pairs)})"
+    return seeds, [p for p, _ in chosen], [c for _, c in chosen], source
+
+
+def geometric_mean(values: list[float]) -> float | None:
+    """Geometric mean of the finite positive values; None when there are none."""
+    ok = [v for v in values if v is not None and math.isfinite(v) and v > 0]
+    return math.exp(statistics.fmean(math.log(v) for v in ok)) if ok else None
+
+
+def ratio(a: float, b: float) -> float | None:
+    """a / b for finite values with b > 0 (a texture against its reference), else None."""
+    return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else None
 
 
 def node_defaults(node_cls) -> dict[str, Any]:
@@ -83,7 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
 
     import metrics
-    import shapes_data
     import shapes_model
     from hires_parallel.algorithms.block_noise import relay_noise
     from hires_parallel.nodes.relay import relay_sigmas, relay_upscale
@@ -102,10 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     scales = [int(s) for s in args.scales.split(",")]
     modes = [] if args.no_parallel else ([m for m in args.modes.split(",") if m] or list(submit.MODES))
     n = args.seeds
-    seeds = list(range(n))
-    pairs = [(c, s) for c in shapes_data.COLORS for s in shapes_data.SHAPES]
-    colors = [pairs[i % len(pairs)][0] for i in seeds]
-    prompts = [shapes_data.prompt_for(*pairs[i % len(pairs)]) for i in seeds]
+    seeds, prompts, colors, prompt_source = seeds_and_prompts(n, args.seed_offset, args.prompts)
+    held_out = args.seed_offset != 0 or bool(args.prompts.strip())
 
     encoded = [comfy_nodes.CLIPTextEncode().encode(clip, p)[0][0] for p in prompts]
     positive = [[torch.cat([c for c, _ in encoded]), {"pooled_output": torch.cat([d["pooled_output"] for _, d in encoded])}]]
@@ -180,15 +279,28 @@ def main(argv: list[str] | None = None) -> int:
 
     # ------------------------------------------------------------------ metrics
     images = {key: vae.decode(run["latents"]).clamp(0, 1) for key, run in runs.items()}
+    texture = {key: [metrics.background_texture(imgs[i]) for i in range(n)] for key, imgs in images.items()}
+
+    def rounded(v: float | None, digits: int = 4) -> float | None:  # NaN (no background) -> null in the JSON
+        return None if v is None or not math.isfinite(v) else float(f"{v:.{digits}g}")
+
     rows, per_image = [], []
     for (method, scale), run in runs.items():
         imgs = images[(method, scale)]
         counts = [metrics.subject_count(imgs[i], colors[i]) for i in range(n)]
         sizes = [metrics.subject_size(imgs[i], colors[i]) for i in range(n)]
+        tex = texture[(method, scale)]
+        native_tex, plain_tex = texture.get(("plain", 1)), texture.get(("plain", scale))
+        vs_1x = [ratio(tex[i], native_tex[i]) if native_tex else None for i in range(n)]
+        vs_plain = [ratio(tex[i], plain_tex[i]) if plain_tex else None for i in range(n)]
+        finite_tex = [t for t in tex if math.isfinite(t)]
         row = {"method": method, "scale": scale, "pixels": int(imgs.shape[1]), "images": n,
                "mean_count": round(statistics.fmean(counts), 3), "exactly_one": round(counts.count(1) / n, 3),
-               "mean_size": round(statistics.fmean(sizes), 4), "s_per_image": round(run["seconds"] / n, 2),
-               "psnr_min_db": None, "max_error": None}
+               "mean_size": round(statistics.fmean(sizes), 4),
+               "bg_texture": rounded(statistics.median(finite_tex)) if finite_tex else None,
+               "bg_texture_vs_1x": rounded(geometric_mean(vs_1x)),
+               "bg_texture_vs_plain": rounded(geometric_mean(vs_plain)),
+               "s_per_image": round(run["seconds"] / n, 2), "psnr_min_db": None, "max_error": None}
         if run["reference"] is not None:
             fids = [metrics.fidelity(imgs[i], images[run["reference"]][i]) for i in range(n)]
             worst = min(f["psnr"] for f in fids)
@@ -197,19 +309,33 @@ def main(argv: list[str] | None = None) -> int:
             row["reference"] = f"{run['reference'][0]} {run['reference'][1]}x on 1 device"
         rows.append(row)
         per_image += [{"method": method, "scale": scale, "seed": s, "prompt": prompts[i], "count": counts[i],
-                       "size": round(sizes[i], 4)} for i, s in enumerate(seeds)]
+                       "size": round(sizes[i], 4), "bg_texture": rounded(tex[i]), "bg_texture_vs_1x": rounded(vs_1x[i]),
+                       "bg_texture_vs_plain": rounded(vs_plain[i])} for i, s in enumerate(seeds)]
     order = {"plain": 0, "deep shrink": 1, "relay": 2, "structure guidance": 3}
     rows.sort(key=lambda r: (order.get(r["method"], 4), r["method"], r["scale"]))
 
     print(f"\nrepetition: {n} seeds x {len(scales)} scales; {args.sampler}/{args.scheduler}, cfg {args.cfg}, "
           f"{args.steps} steps ({args.relay_steps} after the relay point)")
+    kind = "HELD OUT" if held_out else "default"
+    offset = f" (--seed-offset {args.seed_offset})" if args.seed_offset else ""
+    print(f"seeds ({kind}): {seeds[0]}..{seeds[-1]}{offset}")
+    print(f"prompts ({kind}): {prompt_source}: " + ", ".join(dict.fromkeys(prompts)))
     print("structure guidance: " + asg_status)
-    print(f"{'method':28s} {'scale':>5s} {'count':>6s} {'one':>5s} {'size':>6s} {'PSNR min':>9s} {'max err':>8s} {'s/img':>6s}")
+    print(f"bg tex: mean squared Laplacian of the background (metrics.background_texture, margin "
+          f"{metrics.EDGE_MARGIN} px), median over seeds; vs 1x / vs plain: geometric mean over seeds of the ratio "
+          "to the same seed's plain 1x / plain image at that size")
+    print(f"{'method':28s} {'scale':>5s} {'count':>6s} {'one':>5s} {'size':>6s} {'bg tex':>8s} {'vs 1x':>6s} "
+          f"{'vs plain':>8s} {'PSNR min':>9s} {'max err':>8s} {'s/img':>6s}")
+
+    def shown(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
     for r in rows:
         psnr = "-" if r["psnr_min_db"] is None else str(r["psnr_min_db"])
         err = "-" if r["max_error"] is None else f"{r['max_error']:.1e}"
         print(f"{r['method']:28s} {r['scale']:4d}x {r['mean_count']:6.2f} {r['exactly_one']:5.0%} {r['mean_size']:6.1%} "
-              f"{psnr:>9s} {err:>8s} {r['s_per_image']:6.2f}")
+              f"{shown(r['bg_texture'], '.2e'):>8s} {shown(r['bg_texture_vs_1x'], '.2f'):>6s} "
+              f"{shown(r['bg_texture_vs_plain'], '.2f'):>8s} {psnr:>9s} {err:>8s} {r['s_per_image']:6.2f}")
 
     model_json = pathlib.Path(shapes_model.MODEL_PATH if not args.model else args.model).with_suffix(".json")
     trained = json.loads(model_json.read_text()) if model_json.is_file() else {}
@@ -218,14 +344,24 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"file": str(pathlib.Path(args.model or shapes_model.MODEL_PATH).name),
                   "steps_done": trained.get("steps_done"), "wall_minutes": trained.get("wall_minutes"),
                   "loss_final": trained.get("loss_final")},
-        "settings": {"seeds": seeds, "prompts": prompts, "scales": scales, "steps": args.steps,
+        "settings": {"seeds": seeds, "seed_offset": args.seed_offset, "prompts": prompts, "colors": colors,
+                     "prompt_source": prompt_source, "held_out": held_out, "scales": scales, "steps": args.steps,
                      "relay_steps": args.relay_steps, "relay_timestep": {str(k): v for k, v in RELAY_TIMESTEP.items()},
                      "cfg": args.cfg, "sampler": args.sampler, "scheduler": args.scheduler,
                      "deep_shrink": {"block_number": DEEP_SHRINK_BLOCK, "downscale_factor": "scale",
                                      "start_percent": 0.0, "end_percent": 0.35},
                      "relay": {"upscale": "nearest (latent)", "block_size": 4, "strength": 0.3},
                      "parallel": {"devices": 2, "device_kind": "cpu", "modes": modes},
-                     "metrics": {"saturation": metrics.SATURATION, "min_fraction": metrics.MIN_FRACTION}},
+                     "metrics": {"saturation": metrics.SATURATION, "min_fraction": metrics.MIN_FRACTION,
+                                 "background_texture": {
+                                     "statistic": "mean over background pixels and RGB channels of the squared "
+                                                  "5-point Laplacian, image in [0, 1], at the image's own pixel scale",
+                                     "background": "outside every counted subject component of every colour, "
+                                                   "eroded by edge_margin_px (and that far from the border)",
+                                     "edge_margin_px": metrics.EDGE_MARGIN,
+                                     "row_value": "median over seeds (images without background left out)",
+                                     "ratios": "geometric mean over seeds of per-seed ratios; vs_1x: plain at 1x, "
+                                               "vs_plain: plain at the same scale"}}},
         "structure_guidance": asg_status,
         "machine": machine(threads=torch.get_num_threads()),
         "rows": rows, "per_image": per_image,

@@ -77,16 +77,28 @@ def test_modes_benchmark_prints_tables_and_writes_json(tmp_path, comfy_root):
 
 
 def test_repetition_benchmark_counts_subjects_and_compares_parallel_modes(tmp_path, comfy_root):
-    """Tiny settings on the trained shapes model (models/hires_shapes.safetensors): every method runs,
-    the table and JSON are written, exact parallel modes match the single-device pass."""
+    """Tiny settings on the trained shapes model (models/hires_shapes.safetensors), held out (--seed-offset 3):
+    every method runs, the table and JSON are written with the seeds and prompts used and the background
+    texture columns, exact parallel modes match the single-device pass."""
+    import pytest
+
     out, grid = tmp_path / "repetition.json", tmp_path / "grid.png"
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_repetition.py"), "--seeds", "2", "--scales", "1,2",
-                        "--steps", "3", "--relay-steps", "2", "--modes", "exact,batch", "--out", str(out),
-                        "--grid", str(grid), "--grid-seeds", "1", "--cell", "64"],
+                        "--seed-offset", "3", "--steps", "3", "--relay-steps", "2", "--modes", "exact,batch",
+                        "--out", str(out), "--grid", str(grid), "--grid-seeds", "1", "--cell", "64"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "structure guidance: " in r.stdout and "PSNR min" in r.stdout
+    assert "bg tex" in r.stdout and "vs 1x" in r.stdout and "vs plain" in r.stdout
+    # held out: seeds 3 and 4, and with the built-in prompts seed s gets pair s mod 12 (3: green circle, 4: green square)
+    assert "seeds (HELD OUT): 3..4 (--seed-offset 3)" in r.stdout, r.stdout
+    assert "a green circle, a green square" in r.stdout
     result = json.loads(out.read_text())
+    settings = result["settings"]
+    assert settings["seeds"] == [3, 4] and settings["seed_offset"] == 3 and settings["held_out"] is True
+    assert settings["prompts"] == ["a green circle", "a green square"] and settings["colors"] == ["green", "green"]
+    assert settings["prompt_source"].startswith("built-in")
+    assert settings["metrics"]["background_texture"]["edge_margin_px"] > 0
     rows = {(row["method"], row["scale"]): row for row in result["rows"]}
     expected = {("plain", 1), ("plain", 2), ("deep shrink", 2), ("relay", 2), ("parallel exact", 1), ("parallel exact", 2),
                 ("parallel batch", 1), ("parallel batch", 2)}
@@ -95,13 +107,34 @@ def test_repetition_benchmark_counts_subjects_and_compares_parallel_modes(tmp_pa
     for (method, scale), row in rows.items():
         assert row["images"] == 2 and row["pixels"] == 256 * scale and row["mean_count"] >= 0
         assert 0.0 <= row["mean_size"] <= 1.0 and 0.0 <= row["exactly_one"] <= 1.0
+        assert row["bg_texture"] is not None and row["bg_texture"] >= 0.0, row
+        assert row["bg_texture_vs_1x"] is not None and row["bg_texture_vs_1x"] > 0, row
+        assert row["bg_texture_vs_plain"] is not None and row["bg_texture_vs_plain"] > 0, row
         if method.startswith("parallel"):
             assert row["psnr_min_db"] == "inf" or row["psnr_min_db"] > 60, row  # float rounding only
-    assert len(result["per_image"]) == 2 * len(rows)
+            reference = rows[("plain", 1) if scale == 1 else ("relay", scale)]
+            assert abs(row["bg_texture"] / reference["bg_texture"] - 1) < 0.05, (row, reference)
+    assert rows[("plain", 1)]["bg_texture_vs_1x"] == rows[("plain", 1)]["bg_texture_vs_plain"] == 1.0
+    assert rows[("plain", 2)]["bg_texture_vs_plain"] == 1.0
+    assert rows[("relay", 2)]["bg_texture_vs_1x"] == pytest.approx(
+        rows[("relay", 2)]["bg_texture_vs_plain"] * rows[("plain", 2)]["bg_texture_vs_1x"], rel=0.02)
+    per_image = result["per_image"]
+    assert len(per_image) == 2 * len(rows) and {p["seed"] for p in per_image} == {3, 4}
+    assert all({"bg_texture", "bg_texture_vs_1x", "bg_texture_vs_plain"} <= set(p) for p in per_image)
     from PIL import Image
 
     assert Image.open(grid).size[0] > 2 * 64  # two columns (scales 1, 2) of 64-pixel cells plus labels
+    # --prompts (no run needed): the i-th seed gets prompt i mod their number; each must name one colour
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_repetition
 
+    seeds, prompts, colors, source = bench_repetition.seeds_and_prompts(3, 7, "a blue triangle, a yellow circle")
+    assert seeds == [7, 8, 9] and prompts == ["a blue triangle", "a yellow circle", "a blue triangle"]
+    assert colors == ["blue", "yellow", "blue"] and source.startswith("--prompts")
+    assert bench_repetition.seeds_and_prompts(2, 0, "")[1] == ["a red circle", "a red square"]  # the defaults
+    for bad in (["--prompts", "a purple circle"], ["--prompts", "a red and blue circle"], ["--seed-offset", "-1"]):
+        with pytest.raises(SystemExit):
+            bench_repetition.parse_args(bad)
 
 def test_dit_benchmark_prints_tables_and_writes_json(tmp_path, comfy_root):
     out = tmp_path / "dit.json"

@@ -114,3 +114,88 @@ def test_fidelity():
     assert metrics.fidelity(a, c)["max_error"] == pytest.approx(abs(1 - 2 * a[0, 0, 0]))
     with pytest.raises(ValueError):
         metrics.fidelity(a, a[:128])
+
+
+# ---------------------------------------------------------------- background texture
+
+def grey_noise(side: int, seed: int = 0, amplitude: float = 0.25) -> np.ndarray:
+    """I.i.d. grey noise around 0.5 (variance amplitude^2 / 3), the same on every channel, with a faint tint."""
+    rng = np.random.default_rng(seed)
+    grey = 0.5 + amplitude * rng.uniform(-1, 1, (side, side, 1))
+    return grey + np.array([0.02, -0.01, 0.03])
+
+
+def enlarged(small: np.ndarray, factor: int, mode: str) -> np.ndarray:
+    import torch
+
+    t = torch.from_numpy(small).permute(2, 0, 1)[None]
+    kw = {} if mode == "nearest" else {"align_corners": False}
+    return torch.nn.functional.interpolate(t, scale_factor=factor, mode=mode, **kw)[0].permute(1, 2, 0).numpy()
+
+
+def test_flat_and_linear_backgrounds_have_no_texture():
+    flat = np.full((SIDE, SIDE, 3), 0.45) + np.array([0.02, -0.01, 0.03])
+    assert metrics.background_texture(flat) == pytest.approx(0.0, abs=1e-20)
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE] / SIDE
+    ramp = 0.3 + 0.4 * (0.6 * xx + 0.4 * yy)[..., None] + np.zeros(3)
+    assert metrics.background_texture(ramp) < 1e-20  # a linear gradient has no curvature
+    assert metrics.background_texture((flat * 255).round().astype(np.uint8)) == pytest.approx(0.0, abs=1e-20)
+
+
+def test_fine_noise_scores_high_and_the_same_at_every_size():
+    amplitude = 0.25
+    expected = 20 * amplitude ** 2 / 3  # var(4 x - 4 neighbours) = 16 v + 4 v for i.i.d. noise of variance v
+    small, large = metrics.background_texture(grey_noise(SIDE)), metrics.background_texture(grey_noise(3 * SIDE, 1))
+    assert small == pytest.approx(expected, rel=0.03)
+    assert large == pytest.approx(expected, rel=0.03)  # a per-pixel mean: the canvas size does not count
+
+
+@pytest.mark.parametrize("mode,at_most", [("nearest", 0.25), ("bilinear", 0.1)])
+def test_noise_enlarged_3x_into_blotches_scores_much_lower_than_fine_noise(mode, at_most):
+    fine = metrics.background_texture(grey_noise(3 * SIDE, 1))
+    blotches = enlarged(grey_noise(SIDE, 2), 3, mode)  # the same kind of noise, 3 pixels a grain
+    assert blotches.shape == (3 * SIDE, 3 * SIDE, 3)
+    score = metrics.background_texture(blotches)
+    assert 0 < score < at_most * fine, (score, fine)
+    if mode == "nearest":  # only the block borders change: (4 x 2 v + 4 x 6 v) / 9 pixels of a 3x3 block
+        assert score == pytest.approx(32 / 9 * 0.25 ** 2 / 3, rel=0.05)
+    # the 1x original of those blotches scores as fine noise does: the ratio to it is what the benchmark reports
+    assert score / metrics.background_texture(grey_noise(SIDE, 2)) < at_most
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_subject_edges_do_not_count(soft):
+    from scipy import ndimage
+
+    flat = np.full((SIDE, SIDE, 3), 0.5) + np.array([0.02, -0.01, 0.03])
+    img = flat.copy()
+    disc(img, 90, 100, 50, "red")
+    square(img, 150, 150, 70, "blue")
+    if soft:  # a blurred rim, as a VAE decodes it: part of it stays below the subject saturation
+        img = np.stack([ndimage.gaussian_filter(img[..., c], 1.0) for c in range(3)], axis=-1)
+    assert metrics.subject_count(img, "red") == 1 and metrics.subject_count(img, "blue") == 1
+    assert metrics.background_texture(img) < 1e-8
+    assert metrics.background_texture(img, margin=0) > 1e-5  # without the margin the rims would count
+    # on a noisy background the subjects take pixels away but do not change the statistic
+    noisy = grey_noise(SIDE, 3)
+    with_subjects = noisy.copy()
+    disc(with_subjects, 90, 100, 50, "red")
+    square(with_subjects, 150, 150, 70, "blue")
+    assert metrics.background_texture(with_subjects) == pytest.approx(metrics.background_texture(noisy), rel=0.05)
+
+
+def test_background_mask_leaves_out_subjects_their_margin_and_the_border():
+    img = np.full((SIDE, SIDE, 3), 0.5)
+    square(img, 100, 100, 50, "green")
+    square(img, 10, 200, 5, "green")  # a speck: not a subject, stays in the background
+    mask = metrics.background_mask(img, margin=4)
+    assert not mask[96:154, 96:154].any() and mask[95, 120] and mask[154, 120]  # 4 pixels around the square
+    assert not mask[:4].any() and not mask[:, -4:].any() and mask[4, 4]  # the canvas border
+    assert mask[202, 12]
+    assert metrics.background_mask(img, margin=0).sum() == SIDE * SIDE - 2500
+    assert metrics.subject_regions(img).sum() == 2500
+    full = np.zeros((SIDE, SIDE, 3))
+    full[:] = COLORS["yellow"]
+    assert math.isnan(metrics.background_texture(full))  # no background at all
+    with pytest.raises(ValueError):
+        metrics.background_mask(img, margin=-1)
