@@ -442,13 +442,13 @@ def check_preflight_memory(model: Any, latent_image: torch.Tensor, devices: Sequ
                   fraction=float(getattr(spec, "partial_fraction", 0.3)), fraction_late=late,
                   has_negative=has_negative, band_weights=getattr(spec, "weights", None))
     try:
-        if hasattr(dm, "channel_mult"):
+        est = estimate_dit_plan(layout=dit_layout(dm), **common)
+    except (AttributeError, TypeError):  # not a DiT family: a UNet, or a model the support check refuses
+        try:
             est = estimate_plan(layout=unet_layout(dm), **common)
-        else:
-            est = estimate_dit_plan(layout=dit_layout(dm), **common)
-    except (AttributeError, TypeError) as e:  # a model the support check refuses: it speaks for it
-        log.debug("HiRes Parallel: no memory estimate for this model (%s)", e)
-        return None
+        except (AttributeError, TypeError) as e:
+            log.debug("HiRes Parallel: no memory estimate for this model (%s)", e)
+            return None
     free = free_bytes(devices)
     cuda = {d: f for d, f in free.items() if d != "cpu"}
     try:

@@ -266,10 +266,10 @@ def test_mode_inputs_are_optional_and_appended_so_saved_workflows_load():
     inputs come after every older one and are optional, and execute() defaults them (the runs above pass none)."""
     from hires_parallel.nodes.parallel_sampler import HiResParallelPatchParallelGuider, HiResParallelPatchParallelKSampler
 
-    new = ["warmup", "partial_fraction", "partial_fraction_late", "groupnorm", "comfy_gpu"]
+    new = ["warmup", "partial_fraction", "partial_fraction_late", "groupnorm", "comfy_gpu", "sequence_attention"]
     for node in (HiResParallelPatchParallelKSampler, HiResParallelPatchParallelGuider):
         inputs = node.define_schema().inputs
         names = [i.id for i in inputs]
-        assert names[-6:] == ["device_weights", *new], names
-        assert all(i.optional for i in inputs[-5:])
+        assert names[-7:] == ["device_weights", *new], names
+        assert all(i.optional for i in inputs[-6:])
         assert names.index("mode") < names.index("device_weights")
