@@ -29,6 +29,7 @@ import comfy.model_base
 from comfy_api.v0_0_2 import io
 
 from ..algorithms.asg import (
+    MASK_SATURATION,
     SCHEDULES,
     ASGInputError,
     ASGPlan,
@@ -366,7 +367,7 @@ class StructureGuidedWrapper:
 def patch_model(model, native_resolution_px: int = 0, guidance: float = 1.0, guidance_schedule: str = "cosine",
                 structure_fraction: float = 0.5, attention_mask: bool = True, mask_layers: str = MASK_LAYERS[0],
                 pixel_interaction: bool = True, asynchronous: bool = False, window_jitter: int = 4, seed: int = 0,
-                view_batch: int = 8, crop_conditioning: bool = True):
+                view_batch: int = 8, crop_conditioning: bool = True, mask_saturation: float = MASK_SATURATION):
     """A clone of ``model`` that samples structure-guided (see the module docstring)."""
     if mask_layers not in MASK_LAYERS:
         raise ASGInputError(f"mask_layers must be one of {MASK_LAYERS}; got {mask_layers!r}.")
@@ -374,7 +375,7 @@ def patch_model(model, native_resolution_px: int = 0, guidance: float = 1.0, gui
     plan = ASGPlan(side, side, guidance=float(guidance), schedule=guidance_schedule,
                    structure_fraction=float(structure_fraction), pixel_interaction=bool(pixel_interaction),
                    asynchronous=bool(asynchronous), use_mask=bool(attention_mask), jitter=int(window_jitter),
-                   seed=int(seed), batch=int(view_batch))
+                   seed=int(seed), batch=int(view_batch), mask_saturation=float(mask_saturation))
     m = model.clone()
     keys: list[tuple[str, int, int]] = []
     if attention_mask:
@@ -446,6 +447,12 @@ class HiResParallelStructureGuidedHiRes(io.ComfyNode):
                 io.Boolean.Input("crop_conditioning", default=True,
                                  tooltip="SDXL: tell the model each window's crop position (its crop_h/crop_w "
                                          "conditioning), as in SDXL training. No effect on other families."),
+                io.Float.Input("mask_saturation", default=MASK_SATURATION, min=0.01, max=1.0, step=0.01,
+                               optional=True,
+                               tooltip="attention_mask: attention at or above this share of its peak gets full "
+                                       "guidance, less is guided proportionally less. Low values guide the whole "
+                                       "subject, edges included, and keep its size; 1 = the raw attention map, "
+                                       "which guides only the subject's core and shrinks it at 2x-3x."),
             ],
             outputs=[io.Model.Output()],
         )
@@ -453,10 +460,11 @@ class HiResParallelStructureGuidedHiRes(io.ComfyNode):
     @classmethod
     def execute(cls, model, native_resolution: int, guidance: float, guidance_schedule: str, structure_steps: float,
                 attention_mask: bool, mask_layers: str, pixel_interaction: bool, asynchronous: bool,
-                window_jitter: int, seed: int, view_batch: int, crop_conditioning: bool) -> io.NodeOutput:
+                window_jitter: int, seed: int, view_batch: int, crop_conditioning: bool,
+                mask_saturation: float = MASK_SATURATION) -> io.NodeOutput:
         return io.NodeOutput(patch_model(model, native_resolution, guidance, guidance_schedule, structure_steps,
                                          attention_mask, mask_layers, pixel_interaction, asynchronous, window_jitter,
-                                         seed, view_batch, crop_conditioning))
+                                         seed, view_batch, crop_conditioning, mask_saturation))
 
 
 ASG_NODES = [HiResParallelStructureGuidedHiRes]

@@ -19,6 +19,7 @@ from hires_parallel.algorithms.asg import (
     interaction_permutation,
     step_permutations,
     normalize_maps,
+    shape_mask,
     permute_views,
     prompt_token_mask,
     scatter_views,
@@ -272,13 +273,21 @@ def test_masks_from_attention_are_normalised_in_model_order_and_cached():
     state = ASGState()
     out_mask = asg_denoise(x, sigma, _toy_denoise(), plan, 0, 4, state, attention=lambda: [raw])
     (_, stored), = state.masks[0]
-    expected = normalize_maps(raw.reshape(4, 1, 8, 8))  # the order the model saw, like the guidance
+    expected = shape_mask(raw.reshape(4, 1, 8, 8), plan.mask_saturation)  # the order the model saw
     assert torch.equal(stored, expected) and stored.min() == 0 and stored.max() == 1
     # a call without maps (an uncond-only call, say) reuses the step's cached mask
     again = asg_denoise(x, sigma, _toy_denoise(), plan, 0, 4, state, attention=lambda: [None])
     assert torch.equal(again, out_mask)
     no_mask = asg_denoise(x, sigma, _toy_denoise(), plan, 0, 4, ASGState())
     assert not torch.allclose(no_mask, out_mask)
+
+
+def test_shape_mask_saturates_the_subject_and_scales_the_rest():
+    m = torch.tensor([[[0.0, 1.0], [2.0, 10.0]]])
+    assert torch.equal(shape_mask(m, 1.0), normalize_maps(m))  # 1: the raw normalised map
+    torch.testing.assert_close(shape_mask(m, 0.15), torch.tensor([[[0.0, 0.1 / 0.15], [1.0, 1.0]]]))
+    with pytest.raises(ASGInputError, match="mask_saturation"):
+        ASGPlan(8, 8, mask_saturation=0.0)
 
 
 def test_normalize_and_combine_maps():
