@@ -269,7 +269,7 @@ def structure_guided_hires() -> dict:
         {"id": 3, "type": "CLIPTextEncode", "pos": (380, 240), "title": "Negative",
          "widgets_values": ["blurry, lowres, duplicate, watermark"]},
         {"id": 4, "type": "HiResParallelStructureGuidedHiRes", "pos": (380, 440), "title": "Structure-Guided HiRes",
-         "widgets_values": [0, 1.0, "cosine", 0.5, True, "decoder, coarsest level", True, False, 4, 0, 8, True]},
+         "widgets_values": [0, 1.0, "cosine", 0.5, True, "decoder, coarsest level", True, False, 4, 0, 8, True, 0.1]},
         {"id": 5, "type": "EmptyLatentImage", "pos": (820, 40), "widgets_values": [2048, 2048, 1]},
         {"id": 6, "type": "KSampler", "pos": (1100, 40), "title": "2048 x 2048",
          "widgets_values": [0, "fixed", 30, 7.0, "euler", "karras", 1.0]},

@@ -250,3 +250,17 @@ def test_clear_errors(sd15):
     from hires_parallel.nodes.asg import native_resolution
 
     assert native_resolution(sd15) == 512 and native_resolution(build_sdxl(seed=0)) == 1024
+
+
+def test_mask_saturation_is_an_optional_appended_input_that_reaches_the_plan(sd15):
+    from hires_parallel.algorithms.asg import MASK_SATURATION, ASGInputError
+    from hires_parallel.nodes.asg import HiResParallelStructureGuidedHiRes as Node
+
+    inputs = Node.define_schema().inputs
+    assert inputs[-1].id == "mask_saturation" and inputs[-1].optional  # saved workflows still load
+    defaults = {i.id: i.default for i in inputs if getattr(i, "default", None) is not None}
+    defaults.pop("mask_saturation")
+    assert _wrapper(Node.execute(sd15, **defaults).result[0]).plan.mask_saturation == MASK_SATURATION
+    assert _wrapper(Node.execute(sd15, **defaults, mask_saturation=0.5).result[0]).plan.mask_saturation == 0.5
+    with pytest.raises(ASGInputError, match="mask_saturation"):
+        Node.execute(sd15, **defaults, mask_saturation=0.0)
