@@ -194,8 +194,10 @@ def pool_status_text() -> str:
     from ..parallel.runtime.pool import current_pool
 
     pool = current_pool()
-    status = {"pool": pool.status() if pool is not None else {"warm": False, "devices": []},
-              "last_run": submit.LAST_RUN or None}
+    last = dict(submit.LAST_RUN) if submit.LAST_RUN else None
+    if last is not None and last.get("ranks"):  # a trace's events stay out of the text: its summary is there
+        last["ranks"] = [{k: v for k, v in r.items() if k != "trace"} for r in last["ranks"]]
+    status = {"pool": pool.status() if pool is not None else {"warm": False, "devices": []}, "last_run": last}
     return json.dumps(status, indent=1, default=str)
 
 

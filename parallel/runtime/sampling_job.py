@@ -57,6 +57,8 @@ class ParallelSpec:
     partial_fraction_late: float | None = None
     groupnorm: str = "auto"
     attention: str = "auto"  # DiTs: auto, gathered_kv or ulysses (exact mode)
+    trace: bool = False  # keep a per-layer exchange trace (split.trace)
+    overlap: bool = True  # exact mode: overlap exchanges with compute
 
     def stale_options(self, sigmas: torch.Tensor, height: int, width: int):
         """StaleOptions for this run (None unless mode is displaced or partial)."""
@@ -116,7 +118,8 @@ class SamplingJob(Job):
             stale = self.parallel.stale_options(self.sigmas, int(self.latent_image.shape[-2]),
                                                 int(self.latent_image.shape[-1]))
             runtime = BandParallelRuntime(plan, ctx.rank, align, weights=self.parallel.weights, stats=stats,
-                                          stale=stale)
+                                          stale=stale, trace=self.parallel.trace,
+                                          overlap=self.parallel.overlap)
             if is_dit_model(model):
                 model = apply_dit_parallel(model, runtime, self.parallel.attention)
             else:
@@ -166,6 +169,8 @@ class SamplingJob(Job):
                 "warmup": stale.warmup, "groupnorm": stale.groupnorm, "fraction": stale.fraction,
                 "fraction_late": stale.fraction_late, "stale_calls": runtime.stale.stale_calls},  # type: ignore[union-attr]
         )
+        if stats.trace is not None:
+            ctx.stats["trace"] = stats.trace.as_dict()
         return {"samples": samples.detach().cpu()} if ctx.rank == 0 else {}
 
 

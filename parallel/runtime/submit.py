@@ -21,6 +21,8 @@ from ..split.displaced import GROUPNORM_POLICIES, STALE_MODES
 from ..split.dit_parallel import ATTENTION_MODES, check_dit_support, is_dit_model
 from ..split.layout import LayoutError, ParallelPlan, band_alignment, split_rows
 from ..split.memory_plan import check_preflight_memory
+from ..split.trace import TRACE_ENV
+from ..split.trace import summarize as summarize_trace
 from .payload import (WeightStore, check_model_importable, check_picklable, check_worker_importable,
                       control_layer_classes, make_payload, ship_conditioning)
 from .protocol import JobCancelled, JobFailed, WorkerContext
@@ -59,6 +61,8 @@ class ModeOptions:
     partial_fraction_late: float = -1.0
     groupnorm: str = "auto"
     attention: str = "auto"  # DiTs, exact mode: auto, gathered_kv or ulysses (split.dit_parallel)
+    trace: bool = False  # keep a per-layer exchange trace (split.trace); also HIRES_PARALLEL_TRACE=1
+    overlap: bool = True  # exact mode: exchanges overlapped with compute (False: the blocking order, to compare)
 
 
 def check_mode_options(options: ModeOptions) -> None:
@@ -223,6 +227,8 @@ def preflight(model, positive, negative, latent_image: torch.Tensor, devices: li
                         mode, warmup=int(options.warmup), partial_fraction=float(options.partial_fraction),
                         partial_fraction_late=None if late < 0 else float(late), groupnorm=options.groupnorm)
     spec.attention = options.attention
+    spec.trace = bool(options.trace) or os.environ.get(TRACE_ENV, "") == "1"
+    spec.overlap = bool(options.overlap)
     if world == 1:
         return spec
     plan = ParallelPlan(world, spec.cfg_parallel, batch_split=world if batch_mode else 0)
@@ -376,4 +382,7 @@ def _record(devices: list[str], spec: ParallelSpec, seconds: float, stats: list[
                     band_weights=spec.weights, stale=next((s.get("stale") for s in stats if s.get("stale")), None),
                     comm_per_step=[comm_per_step(s) for s in stats],
                     seconds=round(seconds, 3), ranks=stats, finished=time.time())
+    traces = [s["trace"] for s in stats if s.get("trace")]
+    if traces:
+        LAST_RUN["trace_summary"] = [summarize_trace(t) for t in traces]
     monitor.run_finished(LAST_RUN)

@@ -9,7 +9,7 @@ band tensor as it flows through the model and never tracks the downsampling fact
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ __all__ = [
     "band_kv",
     "band_slice",
     "conv_band_rows",
+    "conv_band_rows_overlapped",
     "conv_halo_rows",
     "group_norm_from_sums",
     "group_norm_sums",
@@ -156,6 +157,57 @@ def conv_band_rows(
     if not band.is_last:
         y = y[..., : h // sh, :]
     return y
+
+
+def conv_band_rows_overlapped(
+    x: torch.Tensor,
+    pending: Any,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    geo: ConvGeometry,
+    band: BandGroup,
+) -> torch.Tensor:
+    """``conv_band_rows`` with the halo still in flight (``pending.wait()`` gives (above, below)): the
+    interior rows, which read this band's rows only, are computed first, the border rows after the halo
+    arrived. Same arithmetic per output row, so the result equals ``conv_band_rows`` to float rounding."""
+    h = x.shape[-2]
+    sh = geo.stride[0]
+    k_eff = geo.dilation[0] * (weight.shape[-2] - 1) + 1
+    top = geo.top
+    bottom = geo.padding[0] if band.is_last else geo.bottom  # rows below the band in the padded input
+    n_out = (h // sh) if not band.is_last else (top + h + bottom - k_eff) // sh + 1
+    # output o reads rows [o*sh, o*sh + k_eff) of [top rows | band | bottom rows]
+    lo = min(n_out, -(-top // sh))
+    hi = max(lo, min(n_out, (top + h - k_eff) // sh + 1))
+    if hi <= lo:  # no row computable from the band alone (a very thin band): plain order
+        above, below = pending.wait()
+        return conv_band_rows(x, above, below, weight, bias, geo, band)
+
+    shape = list(x.shape)
+    halo: list[torch.Tensor | None] = [None, None]
+
+    def rows(a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) of [top rows | band | bottom rows] (halo rows once they are here, zeros at edges)."""
+        pieces = []
+        if a < top:
+            t = halo[0] if halo[0] is not None else x.new_zeros(shape[:-2] + [top, shape[-1]])
+            pieces.append(t[..., a : min(b, top), :])
+        if b > top and a < top + h:
+            pieces.append(x[..., max(a, top) - top : min(b, top + h) - top, :])
+        if b > top + h:
+            t = halo[1] if (halo[1] is not None and not band.is_last) else \
+                x.new_zeros(shape[:-2] + [bottom, shape[-1]])
+            pieces.append(t[..., max(a, top + h) - top - h : b - top - h, :])
+        return torch.cat(pieces, dim=-2) if len(pieces) > 1 else pieces[0]
+
+    def conv(first: int, end: int) -> torch.Tensor:  # output rows [first, end)
+        return F.conv2d(rows(first * sh, (end - 1) * sh + k_eff), weight, bias, geo.stride, (0, geo.padding[1]),
+                        geo.dilation, geo.groups)
+
+    interior = conv(lo, hi)
+    halo[0], halo[1] = pending.wait()
+    parts = ([conv(0, lo)] if lo > 0 else []) + [interior] + ([conv(hi, n_out)] if hi < n_out else [])
+    return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
 
 def band_conv2d(

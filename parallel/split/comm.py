@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["CommStats", "BandGroup", "gather_batch", "tensor_bytes", "all_reduce", "all_gather",
+__all__ = ["CommStats", "BandGroup", "PendingExchange", "gather_batch", "tensor_bytes", "all_reduce", "all_gather",
            "batch_isend_irecv", "set_host_staging"]
 
 # ---------------------------------------------------------------------------------- host staging
@@ -138,19 +138,28 @@ class CommStats:
         self.received: dict[str, int] = {}
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self.trace: Any = None  # trace.ExchangeTrace when tracing (opt-in), else None
 
-    def add(self, kind: str, sent: int, received: int) -> None:
+    def add(self, kind: str, sent: int, received: int, blocking: bool = True) -> None:
         self.sent[kind] = self.sent.get(kind, 0) + int(sent)
         self.received[kind] = self.received.get(kind, 0) + int(received)
         self.calls[kind] = self.calls.get(kind, 0) + 1
+        if self.trace is not None:
+            self.trace.counted(kind, sent, received, blocking)
+
+    def add_wait(self, kind: str, t0: float, t1: float, blocking: bool = True) -> None:
+        """A wait measured by the caller (a background exchange waited for later)."""
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + (t1 - t0)
+        if self.trace is not None:
+            self.trace.waited(kind, t0, t1, blocking)
 
     @contextmanager
-    def time(self, kind: str) -> Iterator[None]:
+    def time(self, kind: str, blocking: bool = True) -> Iterator[None]:
         t0 = _time.perf_counter()
         try:
             yield
         finally:
-            self.seconds[kind] = self.seconds.get(kind, 0.0) + (_time.perf_counter() - t0)
+            self.add_wait(kind, t0, _time.perf_counter(), blocking)
 
     def reset(self) -> None:
         self.sent.clear()
@@ -191,6 +200,42 @@ class CommStats:
 
     def __repr__(self) -> str:
         return f"CommStats(sent={self.sent}, received={self.received}, seconds={self.seconds})"
+
+
+class PendingExchange:
+    """An exchange in flight: ``wait()`` blocks until it is done and returns its result. Bytes and the wait
+    are counted when it is waited for; a background exchange also tells the trace how long it travelled
+    while this rank computed (``in_flight_s``: what the overlap hid)."""
+
+    def __init__(self, stats: CommStats, kind: str, works: list, result: Any, blocking: bool,
+                 parts: dict[int, tuple[list[int], int, int]] | None = None) -> None:
+        self.stats, self.kind, self.works, self.result = stats, kind, works, result
+        self.blocking = blocking
+        self.parts = parts or {}  # key -> (indices of its works, bytes sent, bytes received)
+        self.started = _time.perf_counter()
+
+    def _finish(self, key: int) -> None:
+        idx, sent, received = self.parts.pop(key)
+        t0 = _time.perf_counter()
+        for i in idx:
+            if self.works[i] is not None:
+                self.works[i].wait()
+                self.works[i] = None
+        t1 = _time.perf_counter()
+        self.stats.add_wait(self.kind, t0, t1, self.blocking)
+        if self.stats.trace is not None and not self.blocking:
+            self.stats.trace.in_flight(t0 - self.started)
+        self.stats.add(self.kind, sent, received, self.blocking)
+
+    def wait(self, peer: int | None = None) -> Any:
+        """Everything (None), or only band ``peer``'s part of a peer exchange."""
+        if peer is not None:
+            if peer in self.parts:
+                self._finish(peer)
+            return self.result[peer]
+        for key in sorted(self.parts):
+            self._finish(key)
+        return self.result
 
 
 class BandGroup:
@@ -356,6 +401,12 @@ class BandGroup:
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(``top`` rows of the previous band, ``bottom`` rows of the next band); None where
         there is no neighbour (image edge) or nothing was asked for."""
+        return self.start_halo(x, top, bottom, kind, blocking=True).wait()
+
+    def start_halo(self, x: torch.Tensor, top: int, bottom: int, kind: str = "halo",
+                   blocking: bool = False) -> "PendingExchange":
+        """Start the exchange of ``halo_parts`` and return at once; ``wait()`` gives (above, below).
+        What this band computes between the two (its interior rows) hides the transfer."""
         top, bottom = int(top), int(bottom)
         if top < 0 or bottom < 0:
             raise ValueError(f"halo sizes must be >= 0, got top={top}, bottom={bottom}")
@@ -366,30 +417,49 @@ class BandGroup:
         shape = list(x.shape)
         above: torch.Tensor | None = None
         below: torch.Tensor | None = None
-        if self.size > 1 and (top or bottom):
-            ops = []
-            sent = received = 0
-            if top and not self.is_first:
-                above = x.new_empty(shape[:-2] + [top, shape[-1]])
-                ops.append(dist.P2POp(dist.irecv, above, self.prev_rank, self.group))
-                received += tensor_bytes(above)
-            if top and not self.is_last:
-                out = x[..., h - top:, :].contiguous()
-                ops.append(dist.P2POp(dist.isend, out, self.next_rank, self.group))
-                sent += tensor_bytes(out)
-            if bottom and not self.is_last:
-                below = x.new_empty(shape[:-2] + [bottom, shape[-1]])
-                ops.append(dist.P2POp(dist.irecv, below, self.next_rank, self.group))
-                received += tensor_bytes(below)
-            if bottom and not self.is_first:
-                out = x[..., :bottom, :].contiguous()
-                ops.append(dist.P2POp(dist.isend, out, self.prev_rank, self.group))
-                sent += tensor_bytes(out)
-            with self.stats.time(kind):
-                for work in batch_isend_irecv(ops):
-                    work.wait()
-            self.stats.add(kind, sent, received)
-        return above, below
+        if self.size == 1 or not (top or bottom):
+            return PendingExchange(self.stats, kind, [], (above, below), blocking)
+        ops = []
+        sent = received = 0
+        if top and not self.is_first:
+            above = x.new_empty(shape[:-2] + [top, shape[-1]])
+            ops.append(dist.P2POp(dist.irecv, above, self.prev_rank, self.group))
+            received += tensor_bytes(above)
+        if top and not self.is_last:
+            out = x[..., h - top:, :].contiguous()
+            ops.append(dist.P2POp(dist.isend, out, self.next_rank, self.group))
+            sent += tensor_bytes(out)
+        if bottom and not self.is_last:
+            below = x.new_empty(shape[:-2] + [bottom, shape[-1]])
+            ops.append(dist.P2POp(dist.irecv, below, self.next_rank, self.group))
+            received += tensor_bytes(below)
+        if bottom and not self.is_first:
+            out = x[..., :bottom, :].contiguous()
+            ops.append(dist.P2POp(dist.isend, out, self.prev_rank, self.group))
+            sent += tensor_bytes(out)
+        works = batch_isend_irecv(ops)
+        return PendingExchange(self.stats, kind, works, (above, below), blocking,
+                               {0: (list(range(len(works))), sent, received)})
+
+    def start_peer_exchange(self, send: torch.Tensor, shapes: Sequence[Sequence[int]],
+                            kind: str = "kv") -> "PendingExchange":
+        """Send ``send`` to every other band and receive each band's tensor (of ``shapes[j]``), point to
+        point, without waiting; ``wait(j)`` gives band j's tensor once it is here (bands may be waited for
+        one by one, in any order), ``wait()`` all of them in band order (this band's own: ``send``)."""
+        me = self._index
+        send = send.contiguous()
+        out = [send if j == me else send.new_empty(tuple(shapes[j])) for j in range(self.size)]
+        if self.size == 1:
+            return PendingExchange(self.stats, kind, [], out, False)
+        parts: dict[int, tuple[list[int], int, int]] = {}
+        ops = []
+        for j, peer in enumerate(self.ranks):
+            if j == me:
+                continue
+            parts[j] = ([len(ops), len(ops) + 1], tensor_bytes(send), tensor_bytes(out[j]))
+            ops.append(dist.P2POp(dist.irecv, out[j], peer, self.group))
+            ops.append(dist.P2POp(dist.isend, send, peer, self.group))
+        return PendingExchange(self.stats, kind, batch_isend_irecv(ops), out, False, parts)
 
     # ---------------------------------------------------------------- collectives
     def all_reduce_sum(self, t: torch.Tensor, kind: str = "groupnorm") -> torch.Tensor:

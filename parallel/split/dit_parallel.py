@@ -34,6 +34,7 @@ from .displaced import StaleCall
 from .dit_families import DitFamily, dit_family, is_dit
 from .seq_attention import gathered_kv_attention, ulysses_applies, ulysses_attention
 from .tokens import TokenGrid, assemble, cut_tokens, token_grid
+from .trace import note_layer
 from .twins import twin
 from .unet_parallel import WRAPPER_KEY, BandParallelRuntime, UnsupportedModel
 
@@ -152,6 +153,7 @@ class _DitCall:
         if out.shape[1] != self.local:
             raise RuntimeError(f"{self.fam.name}: the output module got {out.shape[1]} tokens, expected this band's "
                                f"{self.local}")
+        note_layer(self.band.stats, label="output")
         full = self.band.gather_tokens(out.contiguous(), dim=1, kind="output", sizes=self.sizes)
         if self.grid.contiguous:
             return full
@@ -182,6 +184,8 @@ class _BlockCut:
         if st is None:
             return extra["original_block"](args)
         args = dict(args)
+        if st.band.stats.trace is not None:
+            note_layer(st.band.stats, label=f"{extra.get('block_type', 'block')}.{extra.get('block_index', '')}")
         if not st.cut_done:
             args["img"] = st.cut(args["img"], 1)
             st.cut_done = True
@@ -325,6 +329,7 @@ class DitParallel:
             raise RuntimeError(f"{fam.name}: the model ran without its blocks' patch-parallel hooks "
                                f"(cut {state.cut_done}, attention calls {state.attention_calls})")
         if cut is not None:
+            note_layer(rt.stats, label="cfg_batch")
             out = gather_batch(out, rt.peer_group, rt.stats, sizes=rt.batch_sizes(batch))
         rt.record_call(sigma, step, slot, call, batch, out.shape[0] if cut is None else cut[1] - cut[0], band.rows,
                        before, axis=grid.axis, attention="stale_kv" if call is not None and call.stale else

@@ -32,10 +32,13 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from .band_ops import band_conv2d, band_conv_geometry, band_group_norm, band_kv, conv_band_rows
+from .band_ops import (band_conv2d, band_conv_geometry, band_group_norm, band_kv, conv_band_rows,
+                       conv_band_rows_overlapped)
 from .comm import BandGroup, CommStats, gather_batch
 from .displaced import StaleCall, StaleEngine, StaleOptions, StepClock
 from .layout import LayoutError, ParallelPlan, split_rows
+from .ring_attention import lse_attention_available, overlapped_kv_attention
+from .trace import ExchangeTrace, note_layer
 from .twins import twin
 
 __all__ = [
@@ -84,10 +87,11 @@ class _CallState:
     """What the layers of one band-parallel UNet call need besides the band: the band's input (to
     recognise the UNet's input conv), the full input it was cut from, and the stale call, if any."""
 
-    __slots__ = ("x_band", "x_full", "call")
+    __slots__ = ("x_band", "x_full", "call", "overlap")
 
-    def __init__(self, x_band: torch.Tensor | None, x_full: torch.Tensor | None, call: StaleCall | None) -> None:
-        self.x_band, self.x_full, self.call = x_band, x_full, call
+    def __init__(self, x_band: torch.Tensor | None, x_full: torch.Tensor | None, call: StaleCall | None,
+                 overlap: bool = False) -> None:
+        self.x_band, self.x_full, self.call, self.overlap = x_band, x_full, call, overlap
 
 
 def _call_state() -> _CallState | None:
@@ -336,6 +340,7 @@ def _conv_forward(self: torch.nn.Conv2d, x: torch.Tensor, *args: Any, **kwargs: 
     band = active_band()
     if band is None:
         return self._hp_base.forward(self, x, *args, **kwargs)
+    note_layer(band.stats, self)
     weight, bias = _cast_weights(self, x)
     state = _call_state()
     if band.size > 1 and state is not None:
@@ -350,6 +355,8 @@ def _conv_forward(self: torch.nn.Conv2d, x: torch.Tensor, *args: Any, **kwargs: 
         call = _stale_call()
         if call is not None:
             return call.conv(x, weight, bias, geo)
+        if state.overlap:  # exact, overlapped: interior rows while the halo travels
+            return conv_band_rows_overlapped(x, band.start_halo(x, geo.top, geo.bottom), weight, bias, geo, band)
         above, below = band.halo_parts(x, geo.top, geo.bottom)
         return conv_band_rows(x, above, below, weight, bias, geo, band)
     return band_conv2d(
@@ -361,6 +368,7 @@ def _group_norm_forward(self: torch.nn.GroupNorm, x: torch.Tensor, *args: Any, *
     band = active_band()
     if band is None:
         return self._hp_base.forward(self, x, *args, **kwargs)
+    note_layer(band.stats, self)
     weight, bias = _cast_weights(self, x)
     call = _stale_call() if band.size > 1 else None
     if call is not None and call.options.groupnorm == "corrected":
@@ -395,6 +403,9 @@ class _BandSelfAttention:
 
         band = active_band()
         if band is not None and band.size > 1:
+            if band.stats.trace is not None:
+                block = extra_options.get("block") or ("", "")
+                note_layer(band.stats, label=f"{block[0]}.{block[1]}.{extra_options.get('block_index', 0)}.attn1")
             # Token counts from the geometry, identical on every rank (no size exchange needed).
             width = int(extra_options["activations_shape"][-1])
             heights = [e - s for s, e in (band_rows(band.bands, j, self.factor) for j in range(band.size))]
@@ -404,8 +415,12 @@ class _BandSelfAttention:
                     f"{heights[band.index]} x {width} for band {band.index} of {band.bands} at factor {self.factor}"
                 )
             call = _stale_call()
+            state = _call_state()
             if call is not None:
                 k, v = call.kv(k, v, width, heights)
+            elif state is not None and state.overlap and lse_attention_available(q, extra_options):
+                return overlapped_kv_attention(q, k, v, int(extra_options["n_heads"]), band,
+                                               [h * width for h in heights])
             else:
                 k, v = band_kv(k, v, band, sizes=[h * width for h in heights])
         return attention.optimized_attention(
@@ -469,8 +484,11 @@ class BandParallelRuntime:
         weights: Sequence[float] | None = None,
         stats: CommStats | None = None,
         stale: StaleOptions | None = None,
+        trace: bool = False,
+        overlap: bool = True,
     ) -> None:
         self.plan = plan
+        self.overlap = bool(overlap)  # exact mode: overlap halos and K/V with compute (band_ops, ring_attention)
         self.rank = int(rank)
         self.batch_group, self.band_index = plan.coords(self.rank)
         if int(align) != align or align < 1:
@@ -482,6 +500,8 @@ class BandParallelRuntime:
                 f"got {len(self.weights)} device weights for {plan.bands_per_group} bands; give one weight per band"
             )
         self.stats = stats if stats is not None else CommStats()
+        if trace:
+            self.stats.trace = ExchangeTrace(self.rank)
         self.calls: list[dict[str, Any]] = []  # one entry per UNet call: sigma, step, shapes, bytes by kind
         self.clock = StepClock()  # steps by distinct sigma, slots within a step
         self.stale = None if stale is None else StaleEngine(stale, self.stats)
@@ -596,6 +616,8 @@ class BandParallelRuntime:
 
     def snapshot(self) -> tuple[dict, dict, dict]:
         """The byte and wait counters before a call (``record_call`` reports the difference)."""
+        if self.stats.trace is not None:
+            self.stats.trace.begin_call()
         return dict(self.stats.sent), dict(self.stats.received), dict(self.stats.seconds)
 
     def step_of(self, transformer_options: Mapping[str, Any]) -> tuple[float | None, int, int]:
@@ -609,6 +631,8 @@ class BandParallelRuntime:
                     computed: int, rows: tuple[int, int], before: tuple[dict, dict, dict], **extra: Any) -> None:
         """One entry of ``calls``: what a model call computed, its bytes and waits by kind."""
         sent0, recv0, secs0 = before
+        if self.stats.trace is not None:
+            self.stats.trace.end_call(step, slot)
         self.calls.append({
             "sigma": sigma, "step": step, "slot": slot, "stale": bool(call is not None and call.stale),
             "batch": batch, "computed_batch": computed, "rows": rows,
@@ -675,12 +699,14 @@ class BandParallelRuntime:
         if self.stale is not None and band.size > 1:
             call = self.stale.begin_call(step, slot, sigma, (tuple(x.shape), tuple(band.bands)), band, x.device)
         x_band = x[..., s:e, :]
-        with _band_active(band, _CallState(x_band, x, call)):
+        with _band_active(band, _CallState(x_band, x, call, self.overlap and call is None)):
             out = executor(x_band, timesteps, context, y, control, to, **kwargs)
         if call is not None:
             self.stale.end_call(call)  # type: ignore[union-attr]
+        note_layer(self.stats, label="output")
         out = band.gather_rows(out, sizes=band.heights)
         if cut is not None:
+            note_layer(self.stats, label="cfg_batch")
             out = gather_batch(out, self.peer_group, self.stats, sizes=self.batch_sizes(batch))
 
         self.record_call(sigma, step, slot, call, batch, out.shape[0] if cut is None else cut[1] - cut[0], (s, e),
@@ -723,7 +749,10 @@ def apply_band_parallel(model: Any, runtime: BandParallelRuntime) -> Any:
         key = f"diffusion_model.{name}"
         module = clone.get_model_object(key)  # respects object patches already on the model
         if _needs_band_module(module):
-            clone.add_object_patch(key, _band_module(module))
+            band_module = _band_module(module)
+            if runtime.stats.trace is not None:
+                runtime.stats.trace.names[id(band_module)] = name
+            clone.add_object_patch(key, band_module)
     for (block, number, index), factor in attn_keys.items():
         clone.set_model_attn1_replace(_BandSelfAttention(factor), block, number, index)
     clone.add_wrapper_with_key(

@@ -1,0 +1,109 @@
+"""Exact self-attention over every band's keys and values that overlaps the K/V exchange with compute.
+
+Each band starts sending its K/V to the others, attends to its OWN block while they travel, then to each
+other band's block as it arrives, and merges the partial results with a streaming (online) softmax:
+for partial outputs O_i with log-sum-exp L_i over disjoint key blocks,
+    L = log(sum_i exp(L_i)),  O = sum_i exp(L_i - L) * O_i,
+which is softmax attention over the union of the blocks (Milakov & Gimelshein 2018, "Online normalizer
+calculation for softmax"; the merge of ring attention, Liu et al. 2023). Equal to attention over the
+gathered K/V up to float rounding.
+
+The partial attentions need each block's log-sum-exp, which ComfyUI's attention functions do not return:
+they come from PyTorch's own scaled-dot-product kernels (those ComfyUI's ``pytorch`` attention dispatches
+to). ``lse_attention_available`` says when that computes what the user's ComfyUI would up to float rounding
+(its backend is one of the plain softmax ones: pytorch, sub-quadratic, split, basic); with xformers, flash,
+sage (quantized) or an attention override the callers gather K/V and use the user's function unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .comm import BandGroup
+
+__all__ = ["attention_lse", "merge_partials", "lse_attention_available", "overlapped_kv_attention"]
+
+
+def _math_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = q.shape[-1] ** -0.5
+    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v.float())
+    return out.to(q.dtype), lse
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of (B, H, Lq, D) queries over (B, H, Lk, D) keys / values: (output (B, H, Lq, D),
+    log-sum-exp (B, H, Lq) in float32). PyTorch's flash kernels where they apply, exact math otherwise."""
+    try:
+        if q.device.type == "cpu":
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)[:2]
+            return out, lse.float()
+        if q.device.type == "cuda":
+            if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False)[:2]
+            else:
+                out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+            return out, lse.float()[..., : q.shape[-2]]
+    except (RuntimeError, AttributeError, NotImplementedError):
+        pass
+    return _math_attention_lse(q, k, v)
+
+
+def merge_partials(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Attention over the union of disjoint key blocks from each block's (output, log-sum-exp)."""
+    out0, lse = parts[0]
+    acc = out0.float()
+    for out, lse_j in parts[1:]:
+        new = torch.logaddexp(lse, lse_j)
+        acc = acc * torch.exp(lse - new).unsqueeze(-1) + out.float() * torch.exp(lse_j - new).unsqueeze(-1)
+        lse = new
+    return acc.to(out0.dtype)
+
+
+# ComfyUI's attention functions that compute plain softmax attention (fused, chunked or split): the
+# overlapped path computes the same up to float rounding. Quantized (sage) or external kernels keep theirs.
+_EXACT_BACKENDS = ("attention_pytorch", "attention_sub_quad", "attention_split", "attention_basic")
+
+
+def lse_attention_available(q: torch.Tensor, transformer_options: dict | None = None) -> bool:
+    """Whether the overlapped path computes what the user's ComfyUI would: its attention function is
+    PyTorch's scaled-dot-product attention, no override is installed, and the dtype is one the kernels
+    take without ComfyUI's upcasting."""
+    try:
+        from comfy.ldm.modules import attention
+    except ImportError:
+        return False
+    exact = {getattr(attention, n, None) for n in _EXACT_BACKENDS}
+    if attention.optimized_attention not in exact:
+        return False
+    if transformer_options and transformer_options.get("optimized_attention_override") is not None:
+        return False
+    if q.device.type == "cpu":
+        return q.dtype in (torch.float32, torch.bfloat16)
+    return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def overlapped_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, band: BandGroup,
+                            sizes: Sequence[int], kind: str = "kv") -> torch.Tensor:
+    """This band's rows of self-attention over every band's tokens, ring style: (B, L, H*D) in and out
+    (ComfyUI's layout), ``sizes`` every band's token count. K and V travel together, point to point."""
+    b, n, inner = q.shape
+    d = inner // heads
+    kv = torch.cat([k, v], dim=-1)
+    shapes: list[Any] = [(b, int(s), kv.shape[-1]) for s in sizes]
+    pending = band.start_peer_exchange(kv, shapes, kind=kind)
+
+    def heads_first(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(b, t.shape[1], heads, d).transpose(1, 2)
+
+    qh = heads_first(q)
+    parts = [attention_lse(qh, heads_first(k), heads_first(v))]  # own block while the others travel
+    for j in range(band.size):
+        if j == band.index:
+            continue
+        kv_j = pending.wait(j)
+        parts.append(attention_lse(qh, heads_first(kv_j[..., :inner]), heads_first(kv_j[..., inner:])))
+    out = merge_partials(parts)
+    return out.transpose(1, 2).reshape(b, n, inner)
