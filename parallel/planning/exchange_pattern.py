@@ -12,6 +12,16 @@ bytes as sent; ring all_gather (n-1)*b (padded to the largest band); ring all_re
 (displaced / partial) K/V and GroupNorm sums sent to every peer, (n-1)*b. Messages count link latencies:
 one per P2P exchange, n-1 per ring all_gather, 2(n-1) per ring all_reduce; stale exchanges travel in
 ``buckets`` async messages per stream (displaced.py).
+
+Exact mode overlaps its exchanges with compute, per layer (``overlap=True``, the runtime's default; band_ops
+``conv_band_rows_overlapped``, ring_attention ``overlapped_kv_attention``, seq_attention ``ring_kv_attention``):
+a conv's halo travels while the conv computes its interior output rows; a self-attention's K/V go point to
+point to every other band (this band's own block, not padded) while it attends to its own block, and each
+later block's transfer hides behind the blocks before it. Such an exchange carries ``hide_flops`` (this rank's
+compute before its first wait) and ``ring_flops`` over ``pieces`` (blocks, each waiting for one more piece);
+cost_model turns them into the exposed time of that layer. GroupNorm all-reduces, the output gather and the
+CFG / batch gather stay blocking with nothing to hide behind. ``overlap=False``: the blocking variant (padded
+K/V all_gather, halo before the conv).
 """
 from __future__ import annotations
 
@@ -275,6 +285,14 @@ class Exchange:
     sent: int
     messages: int
     blocking: bool
+    hide_flops: float = 0.0  # this rank's FLOPs of ``layer`` that run while it travels, before the first wait
+    ring_flops: float = 0.0  # FLOPs of ``layer`` in ``pieces`` equal blocks, block j after piece j arrived
+    pieces: int = 1
+
+    @property
+    def overlaps(self) -> bool:
+        """A blocking (in-layer) exchange that hides behind part of its own layer's compute."""
+        return self.blocking and (self.hide_flops > 0 or self.ring_flops > 0)
 
 
 @dataclass
@@ -296,6 +314,7 @@ class StepPattern:
     exchanges: list[Exchange] = field(default_factory=list)
     work: list[tuple[Layer, float, int]] = field(default_factory=list)  # (layer, FLOPs, tokens) on this rank
     copy_bytes: int = 0  # device-memory traffic of assembling the K/V of all bands (written, then read)
+    overlap: bool = False  # exact exchanges overlapped with their layer's compute (see the module docstring)
 
     @property
     def bytes_sent(self) -> int:
@@ -330,16 +349,19 @@ def plan_shape(world: int, mode: str, cfg_parallel: bool, batch: int) -> tuple[i
 
 def step_pattern(desc: ModelDescription, world: int, mode: str = "exact", *, batch: int = 2,
                  cfg_parallel: bool = False, fraction: float = 0.3, groupnorm: str = "auto", buckets: int = 4,
-                 steady: bool = True) -> StepPattern:
+                 steady: bool = True, overlap: bool = True) -> StepPattern:
     """One step of ``desc`` on ``world`` devices. ``mode``: exact, displaced, partial or batch; ``steady``:
-    False gives a warmup step of displaced / partial (exact exchanges); ``groupnorm``: the stale engine's
-    policy (auto: sync, i.e. blocking, on small latents, as displaced.resolve_groupnorm)."""
+    False gives a warmup step of displaced / partial (exact exchanges, blocking: the stale engine's warmup
+    does not take the overlapped path); ``groupnorm``: the stale engine's policy (auto: sync, i.e. blocking,
+    on small latents, as displaced.resolve_groupnorm); ``overlap``: exact mode overlaps its halo and K/V
+    exchanges with the layer's compute (False: the blocking variant)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
     groups, bands, cb = plan_shape(world, mode, cfg_parallel, batch)
     if desc.rows < bands * desc.align:
         raise ValueError(f"{desc.rows} rows cannot make {bands} bands aligned to {desc.align}")
     stale = mode in STALE and steady and bands > 1
+    ovl = bool(overlap) and mode == "exact" and bands > 1
     partial = stale and mode == "partial"
     gn_sync = (not stale) or resolve_groupnorm(groupnorm, desc.rows, desc.width) == "sync"
     heights = _band_heights(desc.rows, bands, desc.align, None)
@@ -362,15 +384,19 @@ def step_pattern(desc: ModelDescription, world: int, mode: str = "exact", *, bat
                 win = [window_rows(fraction, x) for x in hs]
                 keys = (own + (win[me - 1] if up else 0) + (win[me + 1] if down else 0)) * lay.width
                 share *= (keys + lay.extra_keys) / (lay.rows * lay.width + lay.extra_keys)
-            copy += lay.count * 2 * keys * cb * 2 * lay.channels * item
-        flops += lay.flops * share * cb
-        work.append((lay, lay.flops * share * cb, cb * own * lay.width))
+            if not ovl:  # the blocking gather concatenates every band's K/V; the ring reads the blocks as they are
+                copy += lay.count * 2 * keys * cb * 2 * lay.channels * item
+        mine = lay.flops * share * cb
+        flops += mine
+        work.append((lay, mine, cb * own * lay.width))
         if bands < 2:
             continue
         if lay.kind == "conv_halo":
             top, bottom = lay.halo
             sent = lay.count * (top * down + bottom * up) * cb * lay.channels * lay.width * item
-            ex.append(Exchange(lay.name, "halo", sent, 0 if stale else lay.count, not stale))
+            # overlapped: the output rows that read only this band's rows (all but ~top + bottom border rows)
+            interior = mine * max(0, own - top - bottom) / max(1, own) if ovl else 0.0
+            ex.append(Exchange(lay.name, "halo", sent, 0 if stale else lay.count, not stale, hide_flops=interior))
             if stale:
                 stale_streams.add("p2p")
         elif lay.kind == "groupnorm":
@@ -390,6 +416,10 @@ def step_pattern(desc: ModelDescription, world: int, mode: str = "exact", *, bat
             elif stale:
                 ex.append(Exchange(lay.name, "kv", lay.count * (n - 1) * own * per_row, 0, False))
                 stale_streams.add("peers")
+            elif ovl:  # own block to every peer, point to point; own-block attention first, then one block per peer
+                first = mine * (own * lay.width + lay.extra_keys) / (lay.rows * lay.width + lay.extra_keys)
+                ex.append(Exchange(lay.name, "kv", lay.count * (n - 1) * own * per_row, lay.count * (n - 1), True,
+                                   hide_flops=first, ring_flops=mine - first, pieces=n - 1))
             else:
                 ex.append(Exchange(lay.name, "kv", lay.count * (n - 1) * max(hs) * per_row, lay.count * (n - 1), True))
     out_row = desc.width * desc.out_channels * item
@@ -400,5 +430,5 @@ def step_pattern(desc: ModelDescription, world: int, mode: str = "exact", *, bat
     if stale_streams:
         ex.append(Exchange("stale buckets", "latency", 0, buckets * len(stale_streams), False))
     return StepPattern(desc, int(world), mode, bool(cfg_parallel and groups > 1 and mode != "batch"), bands, groups,
-                       cb, stale, flops, desc.kernels, ex, work, copy)
+                       cb, stale, flops, desc.kernels, ex, work, copy, ovl)
 

@@ -26,7 +26,10 @@ class Rig:
     per call (does not shrink with more devices); ``memory_gib`` per device; ``hbm_gbps``: effective device
     memory bandwidth for copies (0: free). ``shared_cores`` > 0: the
     "devices" are ranks sharing that many CPU cores, and ``thread_speedup`` is how much faster 1 rank with
-    all of them is than 1 rank with one core (measured)."""
+    all of them is than 1 rank with one core (measured). ``step_overhead_s``: fixed seconds per step of a
+    multi-process run (the pool's per-step cancel-check all-reduce and the progress message from rank 0 to
+    the controller; measured; 0 for the GPU presets, where it is tens of microseconds); a 1-device plan runs
+    in-process and pays none."""
 
     name: str
     gpus: int
@@ -41,6 +44,7 @@ class Rig:
     shared_cores: int = 0
     thread_speedup: float = 1.0
     source: str = ""
+    step_overhead_s: float = 0.0
 
     def rank_rate(self, ranks: int) -> float:
         """Compute rate of each of ``ranks`` concurrent ranks relative to one rank alone. Separate devices: 1.
@@ -94,8 +98,10 @@ def preset(name: str) -> Rig:
 
 
 def cpu_rig(cores: int, thread_speedup: float, *, tflops: float = 0.1, link_gbps: float = 2.0,
-            latency_us: float = 100.0, memory_gib: float = 8.0) -> Rig:
+            latency_us: float = 100.0, memory_gib: float = 8.0, step_overhead_s: float = 0.0) -> Rig:
     """Ranks on one CPU sharing ``cores`` cores (gloo on loopback). ``tflops`` is a placeholder: the planner
-    calibrates it from a measured ``single_call_s``."""
+    calibrates it from a measured ``single_call_s``. No overlap: gloo moves the bytes with CPU threads that
+    compete with the ranks' compute for the same cores, so an overlapped exchange hides nothing."""
     return Rig(f"{cores}-core CPU", cores, tflops, link_gbps, latency_us, False, 0.0, memory_gib, 0,
-               shared_cores=cores, thread_speedup=thread_speedup, source="measured")
+               shared_cores=cores, thread_speedup=thread_speedup, source="measured",
+               step_overhead_s=float(step_overhead_s))

@@ -32,7 +32,8 @@ import torch
 from .comm import BandGroup, gather_batch
 from .displaced import StaleCall
 from .dit_families import DitFamily, dit_family, is_dit
-from .seq_attention import gathered_kv_attention, ulysses_applies, ulysses_attention
+from .ring_attention import lse_attention_available
+from .seq_attention import gathered_kv_attention, ring_kv_attention, ulysses_applies, ulysses_attention
 from .tokens import TokenGrid, assemble, cut_tokens, token_grid
 from .trace import note_layer
 from .twins import twin
@@ -125,8 +126,9 @@ class _DitCall:
     """What the hooks of one model call on this rank need: the band, its tokens, the mode."""
 
     def __init__(self, fam: DitFamily, band: BandGroup, grid: TokenGrid, attention: str,
-                 call: StaleCall | None) -> None:
+                 call: StaleCall | None, overlap: bool = False) -> None:
         self.fam, self.band, self.grid, self.attention, self.call = fam, band, grid, attention, call
+        self.overlap = overlap  # exact gathered K/V: overlap the exchange with attention (ring_kv_attention)
         self.start, self.end = band.rows  # in units of the split axis
         self.sizes = [(e - s) * grid.width for s, e in band.bands]  # image tokens per band
         self.local = self.sizes[band.index]
@@ -274,6 +276,8 @@ class _SequenceAttention:
                                         exchange=lambda a, b: call.kv(a, b, width, heights))
         elif st.attention == "ulysses":
             out = ulysses_attention(attend, qn, kn, vn, prefix, st.band, st.sizes)
+        elif st.overlap and self.inner is None and lse_attention_available(qn, None, func):
+            out = ring_kv_attention(qn, kn, vn, prefix, st.band, st.sizes)
         else:
             out = gathered_kv_attention(attend, qn, kn, vn, prefix, st.band, st.sizes)
         if skip_out:
@@ -317,7 +321,7 @@ class DitParallel:
         if rt.stale is not None and band.size > 1:
             call = rt.stale.begin_call(step, slot, sigma, (tuple(x.shape), tuple(band.bands), grid.axis), band,
                                        x.device)
-        state = _DitCall(fam, band, grid, self.attention, call)
+        state = _DitCall(fam, band, grid, self.attention, call, rt.overlap and call is None)
         if band.size > 1:
             to["optimized_attention_override"] = _SequenceAttention(state, to.get("optimized_attention_override"))
         control = _cut_control(control, state, cut, batch)

@@ -67,16 +67,19 @@ def merge_partials(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.
 _EXACT_BACKENDS = ("attention_pytorch", "attention_sub_quad", "attention_split", "attention_basic")
 
 
-def lse_attention_available(q: torch.Tensor, transformer_options: dict | None = None) -> bool:
-    """Whether the overlapped path computes what the user's ComfyUI would: its attention function is
-    PyTorch's scaled-dot-product attention, no override is installed, and the dtype is one the kernels
-    take without ComfyUI's upcasting."""
+def lse_attention_available(q: torch.Tensor, transformer_options: dict | None = None, func: Any = None) -> bool:
+    """Whether the overlapped path computes what the user's ComfyUI would: its attention function (``func``,
+    the one a model called, else ComfyUI's ``optimized_attention``) is a plain softmax one, no override is
+    installed, and the dtype is one the kernels take as ComfyUI would."""
     try:
         from comfy.ldm.modules import attention
     except ImportError:
         return False
-    exact = {getattr(attention, n, None) for n in _EXACT_BACKENDS}
-    if attention.optimized_attention not in exact:
+    exact = set()
+    for name in _EXACT_BACKENDS:
+        f = getattr(attention, name, None)
+        exact |= {f, getattr(f, "__wrapped__", None)} - {None}
+    if (func if func is not None else attention.optimized_attention) not in exact:
         return False
     if transformer_options and transformer_options.get("optimized_attention_override") is not None:
         return False

@@ -21,8 +21,9 @@ from typing import Callable, Sequence
 import torch
 
 from .comm import BandGroup
+from .ring_attention import attention_lse, merge_partials
 
-__all__ = ["gathered_kv_attention", "ulysses_attention", "ulysses_applies"]
+__all__ = ["gathered_kv_attention", "ring_kv_attention", "ulysses_attention", "ulysses_applies"]
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -58,6 +59,24 @@ def gathered_kv_attention(attend: Attend, q: torch.Tensor, k: torch.Tensor, v: t
         k_all = torch.cat([k[:, :prefix], k_all], dim=1)
         v_all = torch.cat([v[:, :prefix], v_all], dim=1)
     return attend(q, k_all, v_all)
+
+
+def ring_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, band: BandGroup,
+                      sizes: Sequence[int]) -> torch.Tensor:
+    """``gathered_kv_attention``'s result with the exchange overlapped (ring_attention.py): this band's
+    queries attend to [prefix + own image K/V] while the other bands' image K/V travel, then to each band's
+    block as it arrives; the blocks merge by online softmax. Only where ``lse_attention_available``."""
+    b, _, h, d = k.shape
+    kv, _, _ = _image_kv(k, v, prefix)
+    pending = band.start_peer_exchange(kv, [(b, int(s), kv.shape[-1]) for s in sizes], kind="kv")
+    qh = q.transpose(1, 2)
+    parts = [attention_lse(qh, k.transpose(1, 2), v.transpose(1, 2))]
+    for j in range(band.size):
+        if j == band.index:
+            continue
+        kv_j = pending.wait(j).view(b, -1, 2 * h, d)
+        parts.append(attention_lse(qh, kv_j[:, :, :h].transpose(1, 2), kv_j[:, :, h:].transpose(1, 2)))
+    return merge_partials(parts).transpose(1, 2)
 
 
 def ulysses_attention(attend: Attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int,

@@ -66,9 +66,9 @@ def test_sdxl_exact_bytes_at_1024_by_hand():
 def test_displaced_hides_exchanges_and_partial_sends_less():
     desc = unet_description(SDXL_CONFIG, (256, 256))
     rig = preset("A100")
-    ex, dis, par = (predict_step(desc, rig, 4, m) for m in ("exact", "displaced", "partial"))
+    ex, dis, par = (predict_step(desc, rig, 4, m, overlap_exact=False) for m in ("exact", "displaced", "partial"))
     assert dis.blocking_s < ex.blocking_s and par.bytes_sent < dis.bytes_sent
-    assert dis.total_s <= ex.total_s
+    assert dis.total_s <= ex.total_s  # against the blocking exact variant
     # a slow link: the exact exchanges dominate
     slow = rig.with_link(0.1, 1000)
     assert predict_step(desc, slow, 4, "exact").speedup < 1.0
