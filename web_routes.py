@@ -161,9 +161,12 @@ def layout_for(query: Mapping[str, str]) -> dict:
     cfg_setting = query.get("cfg_parallel") or "auto"
     negative = str(query.get("negative", "1")).lower() not in ("0", "false", "no")
     cfg_scale = _float(query, "cfg")  # None: unknown (a guider fed by another node), decided as preflight does
+    auto = mode in submit.AUTO_MODES  # decided at run time: the preview shows exact bands on every device
+    if auto:
+        mode = "exact"
     if mode not in submit.MODES:
-        raise submit.ParallelInputError(f"mode must be one of {submit.MODES}; got {mode!r}.")
-    devices = submit.resolve_devices(requested, kind, query.get("comfy_gpu") or "share")
+        raise submit.ParallelInputError(f"mode must be one of {submit.NODE_MODES}; got {mode!r}.")
+    devices = submit.resolve_devices(requested, kind, query.get("comfy_gpu") or "share", auto=auto)
     world = len(devices)
     # The same rules as submit.preflight: batch mode shares each call's batch out and splits no rows.
     batch_mode = mode == "batch"
@@ -196,7 +199,7 @@ def layout_for(query: Mapping[str, str]) -> dict:
         "latent_cols": width // PIXELS_PER_LATENT_ROW, "align": align, "align_source": alignment["source"],
         "model_known": alignment["known"], "align_by_family": alignment["by_family"],
         "bands_by_family": by_family, "pixel_scale": PIXELS_PER_LATENT_ROW,
-        "devices_requested": requested, "devices": devices, "world_size": world, "mode": mode,
+        "devices_requested": requested, "devices": devices, "world_size": world, "mode": mode, "auto": auto,
         "cfg_parallel": plan.cfg_parallel, "batch_groups": plan.batch_groups, "bands_per_group": len(bands),
         "band_weights": weights, "bands": bands,
     }

@@ -24,13 +24,21 @@ def write_result(path: str | pathlib.Path, result: dict[str, Any], **json_kw: An
     return out
 
 
-def tiny_sd15(channels: int) -> tuple[Any, list, list]:
+def tiny_sd15(channels: int, pytorch_attention: bool = False) -> tuple[Any, list, list]:
     """The tests' seeded SD-family UNet (tests/support/tiny_models.py) with conds: (model, positive, negative).
-    Imports ComfyUI (CPU) first, so call it before any other ComfyUI import."""
+    Imports ComfyUI (CPU) first, so call it before any other ComfyUI import. ``pytorch_attention``: ComfyUI's
+    --use-pytorch-cross-attention (its attention on GPUs; the workers get the same setting)."""
     import sys
 
-    from hires_parallel.comfy_host import ensure_comfy
+    from hires_parallel.comfy_host import ensure_comfy, find_comfyui
 
+    if pytorch_attention:
+        root = find_comfyui()
+        if root and root not in sys.path:
+            sys.path.insert(0, root)
+        import comfy.cli_args
+
+        comfy.cli_args.args.use_pytorch_cross_attention = True
     ensure_comfy(cpu=True)
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
     from support.tiny_models import build_sd15, make_conds

@@ -5,7 +5,8 @@ seconds per step of every mode on GPU rigs this machine does not have, and the p
     on two groups, displaced patches within each, 4 extra warmup steps after the first): predicted vs published.
 (ii) 8x H100 NVLink, 8x / 4x RTX 4090 PCIe without P2P, 2x RTX 3090: SDXL and Flux.1-dev at 2048^2 and 4096^2,
     CFG batch 2 (Flux.1-dev: guidance-distilled, batch 1), 30 steps; s/step and speed-up of each mode on all
-    devices, and choose_plan's pick (approximate modes allowed).
+    devices (exact both blocking and overlapped per layer, as the runtime runs it now, beside displaced /
+    partial), and choose_plan's pick (approximate modes allowed, exact overlapped).
 
     python benchmarks/simulate_rig.py
 """
@@ -57,16 +58,19 @@ def rig_rows(steps: int = 30) -> list[dict[str, Any]]:
                 desc = unet_description(SDXL_CONFIG, hw) if model == "SDXL" else flux_description(FLUX_DEV_CONFIG, hw)
                 batch = 2 if model == "SDXL" else 1
                 n = rig.gpus
-                plans = [("exact", False), ("displaced", False), ("partial", False), ("batch", False)]
+                plans = [("exact", False, False), ("exact", False, True), ("displaced", False, True),
+                         ("partial", False, True), ("batch", False, True)]
                 if batch == 2:
-                    plans += [("exact", True), ("displaced", True)]
+                    plans += [("exact", True, False), ("exact", True, True), ("displaced", True, True)]
                 modes = {}
-                for mode, cfg in plans:
+                for mode, cfg, ovl in plans:
                     if mode == "batch" and n > batch:
                         continue
-                    p = predict_run(desc, rig, n, mode, batch=batch, cfg_parallel=cfg, steps=steps, warmup=1)
+                    p = predict_run(desc, rig, n, mode, batch=batch, cfg_parallel=cfg, steps=steps, warmup=1,
+                                    overlap_exact=ovl)
                     modes[p.label] = {"s_per_step": round(p.total_s, 4), "speedup": round(p.speedup, 2),
-                                      "exchange_s": round(p.exchange_s, 4), "GB_sent": round(p.bytes_sent / 1e9, 3)}
+                                      "exchange_s": round(p.exchange_s, 4), "exposed_s": round(p.exposed_s, 4),
+                                      "GB_sent": round(p.bytes_sent / 1e9, 3)}
                 choice = choose_plan(desc, rig, batch=batch, allow_approximate=True, steps=steps)
                 rows.append({"rig": rig.name, "model": model, "size": size, "batch": batch,
                              "single_s_per_step": round(choice.prediction.single_s, 4), "modes": modes,
@@ -86,12 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in pub:
         print(f"{r['size']:>6d} {r['gpus']:>4d} {r['speedup']:>8.2f}x {r['predicted']:>8.2f}x {r['rel_error']:>+8.1%}  {r['plan']}")
     rows = rig_rows(args.steps)
-    print(f"\n(ii) predicted s/step (speed-up vs 1 device) on all devices of each rig, {args.steps} steps, warmup 1")
+    print(f"\n(ii) predicted s/step (speed-up vs 1 device) on all devices of each rig, {args.steps} steps, warmup 1; "
+          f"exact: blocking, and overlapped per layer (the runtime's default)")
     for r in rows:
         print(f"\n{r['rig']} | {r['model']} {r['size']}^2 batch {r['batch']} | 1 device {r['single_s_per_step']:.3f} s/step")
         for label, m in r["modes"].items():
-            print(f"  {label:52s} {m['s_per_step']:8.3f} s ({m['speedup']:5.2f}x)  exchanges {m['exchange_s']:.3f} s, "
-                  f"{m['GB_sent']:.2f} GB sent")
+            print(f"  {label:63s} {m['s_per_step']:8.3f} s ({m['speedup']:5.2f}x)  exchanges {m['exchange_s']:.3f} s "
+                  f"(exposed {m['exposed_s']:.3f}), {m['GB_sent']:.2f} GB sent")
         print(f"  -> choose_plan: {r['choice']} ({r['choice_speedup']:.2f}x)")
     write_result(args.out, {"benchmark": "simulate_rig", "machine": machine(), "published": pub, "rigs": rows})
     return 0

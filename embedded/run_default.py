@@ -1,10 +1,12 @@
 """The pack's main job on its embedded default: the trained shapes model, native pass + 2x block-noise relay,
-on 2 CPU ranks through the Patch-Parallel runtime.
+on CPU ranks through the Patch-Parallel runtime, planned automatically.
 
 Runs headless in this process on the real ComfyUI (the one containing the pack, else COMFYUI_PATH, else
 /work/ComfyUI; see comfy_host.py): txt2img at the model's native 256x256, then a block-noise relay to 2x
-(512x512), both passes sampled by ``parallel.submit.run_sampling`` over ``--devices`` CPU ranks (gloo; CFG
-parallel on 2 ranks), and the same two passes on 1 rank. The two sides run interleaved (parallel, one rank,
+(512x512), both passes sampled by ``parallel.submit.run_sampling`` with ``--mode auto`` (default): the planner
+picks, for each pass, how many of the ``--devices`` CPU ranks to use and how (exact bands, batch / CFG
+parallel, or one process when splitting would not pay), from the measured step time and link, and the
+command prints its choice and reason; and the same two passes on 1 rank. The two sides run interleaved (parallel, one rank,
 parallel, one rank, ...) ``--repeats`` times after a warm-up, so a change of load on the machine hits both
 sides alike; the time per step of each side is the minimum over the repeats (the least disturbed run), and
 the speed-up is the ratio of those minima. With ``--repeats 1`` no speed-up is printed: one run of each side
@@ -77,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--relay-steps", type=int, default=12, help="steps after the relay point")
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--devices", type=int, default=2, help="CPU ranks of the parallel run")
+    ap.add_argument("--devices", type=int, default=0,
+                    help="CPU ranks the parallel run may use (0: one per core, at most 4)")
+    ap.add_argument("--mode", default="auto", choices=["auto", "auto_approximate", "exact", "displaced", "partial",
+                                                       "batch"],
+                    help="auto: the planner picks devices and mode (never a plan it predicts slower than 1 device)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="interleaved timed runs of each side; the minimum of each is reported (1: no speed-up)")
     ap.add_argument("--no-compare", action="store_true", help="skip the 1-rank runs (no speed-up figure)")
@@ -127,12 +133,19 @@ def main(argv: list[str] | None = None) -> int:
     first_sigmas = comfy.samplers.calculate_sigmas(ms, "karras", args.steps).cpu()
     first_noise = comfy.sample.prepare_noise(torch.zeros(1, 4, side, side), args.seed)  # KSampler's noise
 
+    plans: list[dict] = []  # what the parallel side ran, pass by pass (the planner's choice and reason)
+
     def sample(devices: list[str], noise, latent, sigmas) -> tuple[torch.Tensor, float, float]:
         t0 = time.perf_counter()
+        mode = args.mode if len(devices) > 1 else "exact"
         out = submit.run_sampling(model, pos, neg, args.cfg, noise, latent, sigmas, SamplerSpec(name="euler"),
-                                  args.seed, None, devices)
+                                  args.seed, None, devices, mode=mode)
         wall = time.perf_counter() - t0
         step_s = submit.LAST_RUN["ranks"][0]["step_s"]
+        if len(devices) > 1:
+            plans.append({"devices": submit.LAST_RUN["world_size"], "mode": submit.LAST_RUN["mode"],
+                          "cfg_parallel": submit.LAST_RUN["cfg_parallel"],
+                          "reason": (submit.LAST_RUN.get("plan") or {}).get("reason", "mode set by --mode")})
         return out, statistics.median(step_s[1:] or step_s), wall  # the first step carries the set-up
 
     def pipeline(devices: list[str]) -> dict:
@@ -146,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     load_before = _load_average()
-    ranks = ["cpu"] * max(1, args.devices)
+    ranks = submit.resolve_devices(args.devices, "cpu", auto=args.mode in submit.AUTO_MODES)
     compare = not args.no_compare and len(ranks) > 1
     if len(ranks) > 1:
         pipeline(ranks)  # start the worker pool and ship the model once: start-up is not what is measured
@@ -177,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     timing = {
         "model": model_name, "pack": os.path.dirname(os.path.abspath(sys.modules["hires_parallel"].__file__)),
         "prompt": args.prompt, "size": f"{args.size}x{args.size} -> {w}x{h}",
-        "ranks": len(ranks), "repeats": args.repeats,
+        "ranks": len(ranks), "repeats": args.repeats, "mode": args.mode,
+        "plan_first_pass": plans[-2] if len(plans) >= 2 else None, "plan_relay": plans[-1] if plans else None,
         "timed": f"{args.repeats} repeat(s), interleaved" if compare else f"{args.repeats} repeat(s)",
         "first_pass_s_per_step": round(fastest(par_runs, "first_s_per_step"), 4),
         "relay_s_per_step": round(fastest(par_runs, "relay_s_per_step"), 4),

@@ -18,13 +18,19 @@ from ..parallel.runtime.sampling_job import SamplerSpec, sampler_spec
 def _parallel_inputs() -> list:
     return [
         io.Int.Input("devices", default=0, min=0, max=64,
-                     tooltip="How many devices split each step. 0 = every visible GPU. Asking for more GPUs than exist "
+                     tooltip="How many devices split each step. 0 = every visible GPU (mode auto: the planner picks "
+                             "how many of them, on CPU up to one process per core). Asking for more GPUs than exist "
                              "runs on those that exist (see the log). 1 runs in this process."),
         io.Combo.Input("device_kind", options=submit.DEVICE_KINDS, default="auto",
                        tooltip="auto: CUDA GPUs when present, else CPU processes. cpu: N worker processes on the CPU "
                                "(gloo), to try the pipeline without GPUs."),
-        io.Combo.Input("mode", options=submit.MODES, default="exact",
-                       tooltip="exact: the image is cut into row bands that exchange halos, GroupNorm statistics and "
+        io.Combo.Input("mode", options=submit.NODE_MODES, default="auto",
+                       tooltip="auto: a planner picks the fastest plan that gives the single-device image (exact bands, "
+                               "batch, CFG parallel, or 1 device when splitting would not pay) from this model's "
+                               "measured step time and the measured link; it never picks a plan it predicts slower "
+                               "than 1 device, and says what it picked and why (log, Pool Status, panel). "
+                               "auto_approximate: may also pick displaced or partial. "
+                               "exact: the image is cut into row bands that exchange halos, GroupNorm statistics and "
                                "attention keys/values every layer; equals the single-device image up to float rounding. "
                                "displaced (DistriFusion): after a few exact warmup steps each band reuses what the others "
                                "sent during the previous step and sends its own in the background, so devices do not "
@@ -123,7 +129,9 @@ class HiResParallelPatchParallelKSampler(io.ComfyNode):
         callback = latent_preview.prepare_callback(model, ks.sigmas.shape[-1] - 1)
         samples = submit.run_sampling(
             model, positive, negative, cfg, noise, latent, ks.sigmas, SamplerSpec(name=sampler_name), seed,
-            latent_image.get("noise_mask"), submit.resolve_devices(devices, device_kind, comfy_gpu), cfg_parallel, mode, callback,
+            latent_image.get("noise_mask"),
+            submit.resolve_devices(devices, device_kind, comfy_gpu, auto=mode in submit.AUTO_MODES), cfg_parallel,
+            mode, callback,
             device_weights, _mode_options(warmup, partial_fraction, partial_fraction_late, groupnorm,
                                          sequence_attention))
         out["samples"] = samples.to(comfy.model_management.intermediate_device())
@@ -182,7 +190,8 @@ class HiResParallelPatchParallelGuider(io.ComfyNode):
                 cfg_parallel: str, device_weights: str = "", warmup: int = 0, partial_fraction: float = 0.3,
                 partial_fraction_late: float = -1.0, groupnorm: str = "auto",
                 comfy_gpu: str = "share", sequence_attention: str = "auto") -> io.NodeOutput:
-        guider = PatchParallelGuider(model, submit.resolve_devices(devices, device_kind, comfy_gpu), cfg_parallel, mode,
+        available = submit.resolve_devices(devices, device_kind, comfy_gpu, auto=mode in submit.AUTO_MODES)
+        guider = PatchParallelGuider(model, available, cfg_parallel, mode,
                                      device_weights, _mode_options(warmup, partial_fraction, partial_fraction_late,
                                                                    groupnorm, sequence_attention))
         guider.set_conds(positive, negative)

@@ -93,8 +93,12 @@ def summarize_run(last_run: dict) -> dict:
             "total_received_per_step": int(comm.get("total_bytes_received") or 0) // per,
             "comm_s_per_step": round(float(comm.get("total_seconds") or 0.0) / per, 4),
         })
-    keys = ("devices", "world_size", "cfg_parallel", "mode", "band_weights", "seconds", "finished")
-    return {**{k: last_run.get(k) for k in keys}, "ranks": ranks}
+    keys = ("devices", "world_size", "cfg_parallel", "mode", "band_weights", "seconds", "finished", "plan")
+    out = {**{k: last_run.get(k) for k in keys}, "ranks": ranks}
+    if last_run.get("trace_summary"):
+        out["trace"] = [{k: t.get(k) for k in ("rank", "per_step", "top_wait_layers")}
+                        for t in last_run["trace_summary"]]
+    return out
 
 
 def _pool_status() -> dict:

@@ -34,6 +34,10 @@ DEVICE_KINDS = ["auto", "cuda", "cpu"]
 CFG_PARALLEL = ["auto", "on", "off"]
 COMFY_GPU = ["share", "avoid"]  # whether workers may use the GPU ComfyUI's own models are on
 MODES = ["exact", "displaced", "partial", "batch"]
+# auto: the planner picks devices and mode among the exact ones (exact bands, batch, CFG parallel, 1 device);
+# auto_approximate may also pick displaced / partial (auto_plan.py)
+AUTO_MODES = ["auto", "auto_approximate"]
+NODE_MODES = AUTO_MODES + MODES
 JOB_TIMEOUT_S = 900.0  # no word from rank 0 for this long: the job is declared hung
 MAX_CPU_RANKS_ENV = "HIRES_PARALLEL_MAX_CPU_RANKS"  # override of the CPU rank cap (max_cpu_ranks)
 MIN_CPU_RANK_CAP = 4  # CPU ranks always allowed (2 bands x CFG parallel), whatever the core count
@@ -81,10 +85,11 @@ def check_mode_options(options: ModeOptions) -> None:
         raise ParallelInputError(f"sequence_attention must be one of {list(ATTENTION_MODES)}; got {options.attention!r}.")
 
 
-def resolve_devices(devices: int, kind: str, comfy_gpu: str = "share") -> list[str]:
+def resolve_devices(devices: int, kind: str, comfy_gpu: str = "share", auto: bool = False) -> list[str]:
     """Device list for a run: `devices` 0 means every visible GPU; more than exist runs on what exists.
     ``comfy_gpu`` "avoid" leaves out the GPU ComfyUI's own models use (its VAE decode and other samplers
-    then keep their memory); "share" (default) uses it too, as rank 0's device when it is cuda:0."""
+    then keep their memory); "share" (default) uses it too, as rank 0's device when it is cuda:0.
+    ``auto`` (mode auto): the devices the planner may use; on CPU, 0 means one process per core."""
     if kind not in DEVICE_KINDS:
         raise ParallelInputError(f"device_kind must be one of {DEVICE_KINDS}; got {kind!r}.")
     if comfy_gpu not in COMFY_GPU:
@@ -109,7 +114,7 @@ def resolve_devices(devices: int, kind: str, comfy_gpu: str = "share") -> list[s
                         " (ComfyUI's own GPU left out)" if comfy_gpu == "avoid" else "", len(usable))
             n = len(usable)
         return usable[:n]
-    n = max(1, devices)
+    n = max(1, devices) if not (auto and devices <= 0) else max(1, min(os.cpu_count() or 1, max_cpu_ranks()))
     cap = max_cpu_ranks()
     if n > cap:
         raise ParallelInputError(
@@ -291,6 +296,15 @@ def run_sampling(model, positive, negative, cfg: float, noise: torch.Tensor, lat
     """Sample like ComfyUI's CFGGuider.sample, with the model evaluation split over `devices`."""
     import comfy.model_management
 
+    plan = None
+    if mode in AUTO_MODES:  # the planner decides devices, mode and CFG parallel (auto_plan.py)
+        from . import auto_plan
+
+        kind = "cuda" if str(devices[0]).startswith("cuda") else "cpu"
+        plan = auto_plan.choose(model, positive, negative, cfg, latent_image, sigmas, devices, mode, kind, options)
+        devices, mode, cfg_parallel = plan.devices, plan.mode, plan.cfg_parallel
+        if device_weights and len(devices) != len(device_weights.replace(";", ",").split(",")):
+            device_weights = ""  # weights were given for the devices asked for, not those the plan uses
     spec = preflight(model, positive, negative, latent_image, devices, cfg_parallel, mode, device_weights, options,
                      cfg=cfg)
     monitor.run_started(devices, spec, int(sigmas.shape[-1]) - 1)
@@ -316,12 +330,14 @@ def run_sampling(model, positive, negative, cfg: float, noise: torch.Tensor, lat
             value = job.run(ctx)
         except JobCancelled:
             raise comfy.model_management.InterruptProcessingException() from None
-        _record(devices, spec, time.perf_counter() - t0, [ctx.stats])
+        _record(devices, spec, time.perf_counter() - t0, [ctx.stats], plan)
         return value["samples"]
 
+    from . import auto_plan
     from .pool import get_pool
 
     pool = get_pool(devices)
+    auto_plan.probe_pool(pool, "cuda" if str(devices[0]).startswith("cuda") else "cpu")  # once per pool
     store = weight_store(pool)
     payload = make_payload(model, store)
     positive, negative = ship_conditioning(positive, negative, store)  # ControlNets as records + files
@@ -336,7 +352,7 @@ def run_sampling(model, positive, negative, cfg: float, noise: torch.Tensor, lat
         if getattr(e, "user_facing", False):
             raise ParallelInputError(str(e)) from None
         raise
-    _record(devices, spec, result.seconds, result.stats)
+    _record(devices, spec, result.seconds, result.stats, plan)
     return result.value["samples"]
 
 
@@ -376,12 +392,14 @@ def comm_per_step(rank_stats: dict) -> dict:
     return out
 
 
-def _record(devices: list[str], spec: ParallelSpec, seconds: float, stats: list[dict]) -> None:
+def _record(devices: list[str], spec: ParallelSpec, seconds: float, stats: list[dict], plan: Any = None) -> None:
     LAST_RUN.clear()
     LAST_RUN.update(devices=devices, world_size=spec.world_size, cfg_parallel=spec.cfg_parallel, mode=spec.mode,
                     band_weights=spec.weights, stale=next((s.get("stale") for s in stats if s.get("stale")), None),
                     comm_per_step=[comm_per_step(s) for s in stats],
                     seconds=round(seconds, 3), ranks=stats, finished=time.time())
+    if plan is not None:
+        LAST_RUN["plan"] = plan.as_dict()
     traces = [s["trace"] for s in stats if s.get("trace")]
     if traces:
         LAST_RUN["trace_summary"] = [summarize_trace(t) for t in traces]

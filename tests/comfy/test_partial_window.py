@@ -5,13 +5,17 @@ latent to 138-149 dB although partial sent fewer bytes; that alone cannot tell a
 ignored one. Here (tests/support/partial_window_cases.py) the tiny SD1.5 UNet's attn1 q/k weights are scaled
 by QK_GAIN so each query concentrates on a few keys anywhere in the image (the test prints how peaked:
 mean largest weight against the uniform 1/tokens, and the attention mass full attention puts outside the
-windows). 2 gloo ranks run the probe (one input at nearly equal sigmas, warmup 1, sync GroupNorm: stale data
-equals fresh data), and this process computes on one device the same UNet with (a) full self-attention and
-(b) each band's queries restricted to its own rows plus the ``window_rows(0.3, .)`` rows of each neighbour
-nearest to it. ``attends_only_to_windows``: the stale partial calls match (b) to float rounding (relative
-max error <= MATCH_TOL) AND miss (a) by at least MIN_GAP (relative max error). The same check on partial
-with the window ignored (``displaced.window_rows`` patched to every row, in the ranks) must fail, and
-displaced must match (a).
+windows). 2 gloo ranks run the probe: one fixed input at PROBE_CALLS nearly equal sigmas (each its own step),
+warmup 1, sync GroupNorm. Each stale call reads what the previous call sent, so on a fixed input the calls
+iterate towards a fixed point where stale data equals fresh data: for displaced, the UNet with full
+attention; for partial, the UNet whose self-attention is restricted to the windows (the warmup call
+computes full attention, so partial's first stale calls still carry that; printed call by call, the error
+falls from 0.5 to float rounding in about 17 calls). This process computes on one device the same UNet
+with (a) full self-attention and (b) each band's queries restricted to its own rows plus the
+``window_rows(0.3, .)`` rows of each neighbour nearest to it. ``attends_only_to_windows``: the last stale
+partial call matches (b) to float rounding (relative max error <= MATCH_TOL) AND misses (a) by at least
+MIN_GAP (relative max error). The same check on partial with the window ignored (``displaced.window_rows``
+patched to every row, in the ranks) must fail, and displaced must match (a).
 """
 from __future__ import annotations
 
@@ -23,8 +27,8 @@ import pytest
 from support import partial_window_cases as pw
 from support.gloo import spawn_run
 
-MATCH_TOL = 1e-4  # relative max error of a stale call against its own reference (probe: stale = fresh data)
-MIN_GAP = 1e-2  # relative max error between windowed and full attention the model must show (100x MATCH_TOL)
+MATCH_TOL = 1e-3  # relative max error of the last stale call against its own reference (measured 1-2e-4)
+MIN_GAP = 5e-2  # relative max error between windowed and full attention the model must show (measured 0.47)
 
 
 def attends_only_to_windows(m_windowed: dict[str, float], m_full: dict[str, float]) -> bool:
@@ -48,10 +52,12 @@ def _metrics(result: dict[str, Any], name: str) -> tuple[dict[str, float], dict[
     ranks = result["runs"][name]
     for p in ranks:
         assert p["stale_calls"] == len(pw.PROBE_SIGMAS) - 2  # every call after the warmup step is stale
-    out = ranks[0]["out"][1:]  # the stale calls (every rank returns the full gathered output)
-    assert all((p["out"] == ranks[0]["out"]).all() for p in ranks)
-    m_w = pw.compare(out, result["refs"]["windowed"][1:])
-    m_f = pw.compare(out, result["refs"]["full"][1:])
+    assert all((p["out"] == ranks[0]["out"]).all() for p in ranks)  # every rank returns the gathered output
+    outs = ranks[0]["out"]
+    trail = [pw.compare(outs[i], result["refs"]["windowed"][i])["rel_err"] for i in range(len(outs))]
+    print(f"[{name}] rel max err against windowed attention, call by call: " + " ".join(f"{e:.0e}" for e in trail))
+    m_w = pw.compare(outs[-1], result["refs"]["windowed"][-1])
+    m_f = pw.compare(outs[-1], result["refs"]["full"][-1])
     print(f"[{name}] vs windowed attention: {m_w['psnr']:.1f} dB, rel max err {m_w['rel_err']:.2e}; "
           f"vs full attention: {m_f['psnr']:.1f} dB, rel max err {m_f['rel_err']:.2e}")
     return m_w, m_f
@@ -68,7 +74,7 @@ def test_attention_is_far_from_uniform(result: dict[str, Any]) -> None:
           f"rel max err {gap['rel_err']:.2e}")
     assert peak > 20 * uniform  # sharply peaked
     assert outside > 0.05  # a window drops real attention mass
-    assert gap["rel_err"] >= 10 * MIN_GAP  # restricting to the windows changes the output clearly
+    assert gap["rel_err"] >= 5 * MIN_GAP  # restricting to the windows changes the output clearly
 
 
 def test_partial_attends_only_to_its_windows(result: dict[str, Any]) -> None:

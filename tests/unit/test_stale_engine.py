@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from hires_parallel.parallel.split.displaced import (
+    COMPOSITION_NOISE_LEVEL,
     StaleOptions,
     StepClock,
+    noise_levels,
     resolve_groupnorm,
     resolve_warmup,
     window_rows,
@@ -199,6 +201,23 @@ def test_step_clock_counts_distinct_sigmas_and_call_slots() -> None:
     assert got == [(0, 0), (1, 0), (1, 1), (2, 0), (2, 1), (2, 2), (3, 0)]
 
 
+class _Sampling:
+    """A stand-in for ComfyUI's ModelSamplingDiscrete: timestep = index of the nearest sigma of a table."""
+
+    def __init__(self, table: list[float]) -> None:
+        self.sigmas = torch.tensor(table)
+        self.sigma_min, self.sigma_max = self.sigmas[0], self.sigmas[-1]
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return (self.sigmas - sigma).abs().argmin().float()
+
+
+def test_noise_levels_follow_the_model_timestep_scale() -> None:
+    ms = _Sampling([0.1, 0.5, 1.0, 2.0, 5.0, 10.0])  # timesteps 0..5
+    assert noise_levels(ms, torch.tensor([10.0, 5.0, 2.0, 0.1])) == pytest.approx([1.0, 0.8, 0.6, 0.0])
+    assert noise_levels(ms, [20.0]) == [1.0]
+
+
 def test_option_rules() -> None:
     assert resolve_warmup(0, 20) == 2 and resolve_warmup(0, 3) == 1 and resolve_warmup(0, 50) == 5
     assert resolve_warmup(7, 20) == 7
@@ -207,6 +226,13 @@ def test_option_rules() -> None:
     with pytest.raises(ValueError, match="groupnorm"):
         resolve_groupnorm("fast", 8, 8)
     assert [window_rows(0.3, h) for h in (1, 3, 4, 10, 16)] == [1, 1, 2, 3, 5]
+    # auto warmup also covers the leading steps above COMPOSITION_NOISE_LEVEL (a run from noise)
+    karras16 = [1.0, 0.952, 0.899, 0.838, 0.769, 0.688, 0.595, 0.487, 0.367, 0.249, 0.146, 0.072, 0.03, 0.01, 0.003, 0.0]
+    assert COMPOSITION_NOISE_LEVEL == 0.6 and resolve_warmup(0, 16, karras16) == 6
+    assert resolve_warmup(0, 16) == 2 and resolve_warmup(3, 16, karras16) == 3  # no levels; explicit warmup wins
+    relay = [0.6006, 0.486, 0.367, 0.249, 0.146, 0.072, 0.03, 0.01, 0.003, 0.0]  # relay pass from timestep 600
+    assert resolve_warmup(0, 10, relay) == 1 and resolve_warmup(0, 10, [0.5] * 10) == 1
+    assert resolve_warmup(0, 4, [1.0] * 4) == 4 and resolve_warmup(0, 50, [0.9, 0.5] + [0.9] * 48) == 5
     assert window_rows(0.0, 10) == 0 and window_rows(1.0, 10) == 10
     opts = StaleOptions("partial", fraction=0.3, fraction_late=0.1, late_sigma=2.0)
     assert opts.fraction_at(5.0) == 0.3 and opts.fraction_at(2.0) == 0.1 and opts.fraction_at(None) == 0.3

@@ -186,7 +186,8 @@ function drawLayout(node, ctx) {
     }
     const x = tx + tw + 8;
     const room = w - x - 6;
-    const split = lay.world_size === 1 ? "1 device: nothing is split"
+    const split = lay.auto ? `auto: the planner picks at run time (shown: exact on ${lay.world_size})`
+      : lay.world_size === 1 ? "1 device: nothing is split"
       : lay.mode === "batch" ? `${lay.world_size} devices share each call's batch; no bands`
       : `${lay.world_size} devices, ${lay.bands_per_group} band(s)` +
         (lay.cfg_parallel ? `, CFG parallel (x${lay.batch_groups})` : "");
@@ -209,6 +210,7 @@ function drawLayout(node, ctx) {
     error: lay.error || null,
     world_size: lay.world_size ?? null,
     mode: lay.mode ?? null,
+    auto: lay.auto ?? false,
     cfg_parallel: lay.cfg_parallel ?? null,
     align: lay.align ?? null,
     align_source: lay.align_source ?? null,

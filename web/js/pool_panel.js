@@ -135,6 +135,11 @@ function lastRunSection(run) {
   return h("div", { class: "hp-section", "data-hp": "last-run" }, h("b", {}, "Last run"),
     h("span", {}, `${run.world_size} device(s) (${(run.devices || []).join(", ")}), ${run.mode} mode` +
       `${run.cfg_parallel ? ", CFG parallel" : ""}${weights}: ${steps} steps in ${secs(run.seconds)}`),
+    run.plan ? h("span", { "data-hp": "plan", title: (run.plan.ranked || []).join("\n") },
+      h("b", {}, "Plan (auto): "), run.plan.reason) : null,
+    run.trace ? h("span", { class: "hp-muted", "data-hp": "trace" }, "Trace per step: " + run.trace.map((t) =>
+      `rank ${t.rank} compute ${secs(t.per_step.compute_s)}, waiting ${secs(t.per_step.wait_s)}, ` +
+      `hidden ${secs(t.per_step.hidden_s)}`).join("; ")) : null,
     h("span", { class: "hp-muted" }, when ? `finished ${when}` : ""));
 }
 

@@ -1,0 +1,238 @@
+"""The automatic plan of ``mode`` auto / auto_approximate: what the planner is told, measured where it can be.
+
+* the link: bandwidth, latency and the per-step overhead of a run in the pool (the cancel check and the
+  progress message of every step), measured by ``LinkProbeJob`` once when a pool starts and cached per
+  device kind; before any pool ran, typical figures of the device kind stand in (and the reason says so);
+* the model's cost at this size: one denoising step of the user's model, conds and latent size, sampled in
+  this process (ComfyUI's own sampler loop, one step), cached per model and latent shape; on CPU also how
+  much faster one process runs on every core than on one (a small matmul probe);
+* the plan: ``planning.planner.plan_for_model`` enumerates world sizes and modes and returns the fastest
+  predicted (never one predicted slower than one device) with the reason, which goes to the log, Pool
+  Status and the web panel (``LAST_RUN["plan"]``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .protocol import Job
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AUTO_MODES", "LinkProbeJob", "AutoPlan", "probe_pool", "link_for", "choose"]
+
+AUTO_MODES = ("auto", "auto_approximate")
+# Typical links before a pool measured its own: gloo over loopback (this kind of machine), NCCL over PCIe.
+ASSUMED_LINK = {"cpu": (2.0, 80.0, 0.002, 1000.0), "cuda": (10.0, 30.0, 0.003, 50.0)}  # GB/s, us, s, sync us
+_LINKS: dict[str, dict[str, float]] = {}
+_CALLS: dict[tuple, float] = {}
+_lock = threading.Lock()
+
+
+class LinkProbeJob(Job):
+    """Rank 0 and rank 1 ping-pong a small and a large tensor (latency, bandwidth); then every rank runs
+    ``steps`` empty steps with the per-step messages of a sampling job (overhead per step)."""
+
+    def __init__(self, large_mib: int = 8, steps: int = 8) -> None:
+        self.large_mib, self.steps = int(large_mib), int(steps)
+
+    def run(self, ctx: Any) -> Any:
+        import torch.distributed as dist
+
+        dev = ctx.collective_device if ctx.backend == "nccl" else torch.device("cpu")
+        small = torch.zeros(1, device=dev)
+        large = torch.zeros(self.large_mib * (1 << 18), device=dev)  # float32: 4 bytes each
+
+        def pingpong(t: torch.Tensor, n: int) -> float:
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                if ctx.rank == 0:
+                    dist.send(t, 1)
+                    dist.recv(t, 1)
+                elif ctx.rank == 1:
+                    dist.recv(t, 0)
+                    dist.send(t, 0)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            return (time.perf_counter() - t0) / n / 2  # one way
+
+        pingpong(small, 3)  # first messages set up the connection
+        latency = pingpong(small, 20)
+        one_way = pingpong(large, 3)
+        bandwidth = large.numel() * 4 / max(one_way - latency, 1e-9)
+        # A blocking exchange between ranks that compute costs more than the link's latency: the ranks reach
+        # it at slightly different times (threads, caches, the OS). Measure that wait with real compute between.
+        a = torch.randn(192, 192, device=dev)
+        waits = []
+        dist.barrier()
+        for _ in range(12):
+            for _ in range(6):
+                a = torch.tanh(a @ a)
+            t0 = time.perf_counter()
+            dist.all_reduce(small)
+            waits.append(time.perf_counter() - t0)
+        sync_wait = sorted(waits)[len(waits) // 2]
+        x0 = torch.zeros(1, 4, 64, 64)
+        dist.barrier()
+        t0 = time.perf_counter()
+        for i in range(self.steps):
+            ctx.progress(step=i, total=self.steps, x0=x0, probe=True)
+            ctx.check_cancel()
+        overhead = (time.perf_counter() - t0) / self.steps
+        return {"bandwidth_gbps": bandwidth / 1e9, "latency_us": latency * 1e6, "step_overhead_s": overhead,
+                "sync_wait_us": sync_wait * 1e6, "backend": ctx.backend, "world_size": ctx.world_size}
+
+
+def probe_pool(pool: Any, kind: str) -> dict[str, float] | None:
+    """Measure the link of a freshly started pool once (cached on the pool and per device kind)."""
+    found = getattr(pool, "link_probe", None)
+    if found is not None:
+        return found
+    if len(getattr(pool, "devices", [])) < 2:
+        return None
+    try:
+        result = pool.run(LinkProbeJob(), timeout_s=60).value
+    except Exception as e:  # noqa: BLE001 - a failed probe leaves the assumed figures; the run goes on
+        log.warning("HiRes Parallel: the link probe failed (%s); the planner keeps typical figures.", e)
+        return None
+    result = {k: float(result[k]) for k in ("bandwidth_gbps", "latency_us", "step_overhead_s", "sync_wait_us")}
+    pool.link_probe = result
+    with _lock:
+        _LINKS[kind] = result
+    log.info("HiRes Parallel: link measured on %d %s devices: %.2f GB/s, %.0f us (%.0f us between computing ranks), "
+             "%.1f ms per step of overhead.", len(pool.devices), kind, result["bandwidth_gbps"], result["latency_us"],
+             result["sync_wait_us"], result["step_overhead_s"] * 1e3)
+    return result
+
+
+def link_for(kind: str) -> tuple[dict[str, float], bool]:
+    """(link figures, measured?) for a device kind."""
+    with _lock:
+        if kind in _LINKS:
+            return dict(_LINKS[kind]), True
+    bw, lat, over, sync = ASSUMED_LINK.get(kind, ASSUMED_LINK["cuda"])
+    return {"bandwidth_gbps": bw, "latency_us": lat, "step_overhead_s": over, "sync_wait_us": sync}, False
+
+
+def cpu_thread_speedup(threads: int | None = None) -> float:
+    """How much faster a matmul-heavy loop runs on ``threads`` (default: torch's) threads than on one."""
+    threads = threads or torch.get_num_threads()
+    if threads <= 1:
+        return 1.0
+    key = ("threads", threads)
+    if key in _CALLS:
+        return _CALLS[key]
+    a = torch.randn(384, 384)
+    before = torch.get_num_threads()
+
+    def rate(n: int) -> float:
+        torch.set_num_threads(n)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(20):
+                a @ a
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    try:
+        one, many = rate(1), rate(threads)
+    finally:
+        torch.set_num_threads(before)
+    _CALLS[key] = max(1.0, one / many)
+    return _CALLS[key]
+
+
+def measure_step(model: Any, positive: list, negative: list | None, cfg: float, latent: torch.Tensor,
+                 sigmas: torch.Tensor) -> float:
+    """Seconds of one denoising step of this model at this latent size, in this process (cached per model
+    and latent shape; the first of two steps warms up, the second is timed)."""
+    import comfy.samplers
+
+    key = (id(model.model), tuple(getattr(model, "patches_uuid", "") and [str(model.patches_uuid)]),
+           tuple(latent.shape), negative is not None and cfg != 1.0, str(model.load_device), torch.get_num_threads())
+    if key in _CALLS:
+        return _CALLS[key]
+    guider = comfy.samplers.CFGGuider(model)
+    if negative is None:
+        guider.inner_set_conds({"positive": positive})
+    else:
+        guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    sampler = comfy.samplers.sampler_object("euler")
+    two = sigmas[:3] if sigmas.shape[-1] >= 3 else sigmas
+    noise = torch.zeros_like(latent)
+    times: list[float] = []
+
+    def callback(step: int, x0: Any, x: Any, total: int) -> None:
+        times.append(time.perf_counter())
+
+    t0 = time.perf_counter()
+    guider.sample(noise, latent, sampler, two.to(model.load_device), callback=callback, disable_pbar=True, seed=0)
+    stamps = [t0] + times
+    seconds = min(b - a for a, b in zip(stamps, stamps[1:])) if len(stamps) > 1 else time.perf_counter() - t0
+    _CALLS[key] = seconds
+    return seconds
+
+
+@dataclass
+class AutoPlan:
+    devices: list[str]
+    mode: str
+    cfg_parallel: str
+    reason: str
+    inputs: dict[str, Any] = field(default_factory=dict)
+    ranked: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"devices": len(self.devices), "mode": self.mode, "cfg_parallel": self.cfg_parallel,
+                "reason": self.reason, "inputs": self.inputs, "ranked": self.ranked[:6]}
+
+
+def choose(model: Any, positive: list, negative: list | None, cfg: float, latent: torch.Tensor, sigmas: torch.Tensor,
+           available: list[str], setting: str, kind: str, options: Any = None) -> AutoPlan:
+    """The plan for ``mode`` auto (exact results) or auto_approximate (displaced / partial allowed)."""
+    from ..planning.planner import Link, plan_for_model
+    from ..split import displaced
+    from ..split.displaced import resolve_warmup
+    from .submit import uncond_runs
+
+    batch = 2 if negative is not None and uncond_runs(cfg, getattr(model, "model_options", None)) else 1
+    batch *= int(latent.shape[0])
+    link, measured = link_for(kind)
+    single = measure_step(model, positive, negative, cfg, latent, sigmas)
+    cores = os.cpu_count() or 1
+    speedup = cpu_thread_speedup() if kind == "cpu" else None
+    steps = max(1, int(sigmas.shape[-1]) - 1)
+    frac = float(getattr(options, "partial_fraction", 0.3))
+    rows, cols = int(latent.shape[-2]), int(latent.shape[-1])
+    fidelity_ok = getattr(displaced, "approximate_mode_fidelity_ok", None)
+
+    def gate(mode: str) -> bool:
+        return fidelity_ok is None or fidelity_ok(mode, rows, cols, max(2, len(available)), frac)
+
+    # every blocking exchange pays the link's latency plus the wait of ranks that arrive apart
+    latency_us = link["latency_us"] + link["sync_wait_us"]
+    choice = plan_for_model(
+        model.get_model_object("diffusion_model"), tuple(latent.shape), len(available), batch=batch,
+        single_call_s=single, link=Link(link["bandwidth_gbps"], latency_us), thread_speedup=speedup,
+        shared_cores=cores if kind == "cpu" else 0, step_overhead_s=link["step_overhead_s"],
+        allow_approximate=setting == "auto_approximate", fidelity_gate=gate, steps=steps,
+        warmup=resolve_warmup(int(getattr(options, "warmup", 0) or 0), steps), device_kind=kind)
+    inputs = {"one_device_step_s": round(single, 4), "link": {k: round(v, 4) for k, v in link.items()},
+              "link_measured": measured, "batch": batch}
+    if speedup is not None:
+        inputs["cpu_thread_speedup"] = round(speedup, 2)
+    reason = choice.reason + ("" if measured else " (link: typical figures, not yet measured on this machine)")
+    plan = AutoPlan(available[: choice.world], choice.mode, "on" if choice.cfg_parallel else "off", reason, inputs,
+                    [getattr(p, "label", str(p)) for p in getattr(choice, "ranked", [])])
+    log.info("HiRes Parallel: plan: %s on %d device(s), CFG parallel %s. %s", plan.mode, len(plan.devices),
+             plan.cfg_parallel, reason)
+    return plan
