@@ -165,7 +165,7 @@ def patch_parallel_ksampler() -> dict:
          "widgets_values": ["blurry, lowres, duplicate, watermark"]},
         {"id": 4, "type": "EmptyLatentImage", "pos": (380, 440), "widgets_values": [2048, 2048, 1]},
         {"id": 5, "type": "HiResParallelPatchParallelKSampler", "pos": (820, 40), "title": "Patch-Parallel KSampler",
-         "widgets_values": [0, "fixed", 30, 7.0, "euler", "karras", 1.0, 0, "auto", "exact", "auto", "", 0, 0.3, -1.0,
+         "widgets_values": [0, "fixed", 30, 7.0, "euler", "karras", 1.0, 0, "auto", "auto", "auto", "", 0, 0.3, -1.0,
                             "auto", "share", "auto"]},
         {"id": 6, "type": "VAEDecode", "pos": (1200, 40)},
         {"id": 7, "type": "SaveImage", "pos": (1440, 40), "widgets_values": ["HiResParallel_patch_parallel"]},
@@ -382,7 +382,7 @@ def thumbnail(path: pathlib.Path, title: str, boxes: list[tuple[str, int]]) -> N
 WORKFLOWS = {
     "relay_upscale_2x": (relay_upscale_2x, "Relay upscale 2x: 512 -> 1024, block noise at t=500",
                          [("512 txt2img", 80), ("upsample + block noise", 120), ("1024 relay", 160)]),
-    "patch_parallel_ksampler": (patch_parallel_ksampler, "Patch-parallel KSampler: one 2048x2048 image, a band per GPU",
+    "patch_parallel_ksampler": (patch_parallel_ksampler, "Patch-parallel KSampler: 2048x2048 on all GPUs, planned",
                                 [("GPU 0 band", 70), ("GPU 1 band", 70), ("gathered 2048", 160)]),
     "parataa_sampler": (parataa_sampler, "ParaTAA: 50 DDIM steps solved in parallel rounds",
                         [("all steps, round 1", 70), ("round k", 100), ("converged", 130)]),

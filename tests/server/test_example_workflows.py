@@ -60,6 +60,26 @@ def test_examples_are_listed_in_the_template_browser(comfy_server, pack_folder):
     assert r.status_code == 200 and r.json()["nodes"]
 
 
+def test_patch_parallel_example_as_saved_plans_itself(comfy_server, object_info, test_pack):
+    """The example's own mode (auto) and devices (0: on CPU one worker per core): the planner picks, the image
+    comes out, and Pool Status says what was picked and why."""
+    import json
+
+    prompt = _prompt("patch_parallel_ksampler", object_info, test_pack)
+    (empty,) = _nodes(prompt, "EmptyLatentImage")
+    empty["inputs"].update(width=256, height=256)
+    (ks,) = _nodes(prompt, "HiResParallelPatchParallelKSampler")
+    ks["inputs"].update(steps=3, device_kind="cpu")
+    history = comfy_server.wait(comfy_server.queue(prompt), timeout=300)
+    pngs = [p for p in comfy_server.output_files(history) if p.suffix == ".png"]
+    assert len(pngs) == 1 and Image.open(pngs[0]).size == (256, 256)
+    out = comfy_server.run({"1": {"class_type": "HiResParallelPoolStatus", "inputs": {"refresh": 2}}}, timeout=60)
+    status = json.loads(out["outputs"]["1"]["text"][0])
+    plan = status["last_run"]["plan"]
+    assert plan["reason"] and plan["inputs"]["one_device_step_s"] > 0, plan
+    assert status["last_run"]["world_size"] == plan["devices"] and status["last_run"]["mode"] == plan["mode"]
+
+
 def test_patch_parallel_example_runs_on_two_cpu_workers_and_the_pool_reports(comfy_server, object_info, test_pack):
     import json
     import os
@@ -69,7 +89,8 @@ def test_patch_parallel_example_runs_on_two_cpu_workers_and_the_pool_reports(com
     empty["inputs"].update(width=256, height=320)
     (ks,) = _nodes(prompt, "HiResParallelPatchParallelKSampler")
     assert ks["inputs"]["devices"] == 0 and ks["inputs"]["device_kind"] == "auto"  # the file's defaults
-    ks["inputs"].update(steps=3, devices=2, device_kind="cpu")
+    assert ks["inputs"]["mode"] == "auto"
+    ks["inputs"].update(steps=3, devices=2, device_kind="cpu", mode="exact")  # auto: see the next test
     prompt_id = comfy_server.queue(prompt)
     history = comfy_server.wait(prompt_id, timeout=300)
     pngs = [p for p in comfy_server.output_files(history) if p.suffix == ".png"]
