@@ -48,7 +48,8 @@ def _parallel_inputs() -> list:
                                 "twice as fast: faster devices get taller bands. Empty = equal bands."),
         io.Int.Input("warmup", default=0, min=0, max=10000, optional=True,
                      tooltip="displaced / partial: exact steps before data of the previous step is reused. "
-                             "0 = auto (10% of the steps, at least 1). More warmup: closer to exact, slower."),
+                             "0 = auto: exact while the composition forms (noise level above 0.6 of the schedule), at least "
+                             "10% of the steps. More warmup: closer to exact, slower."),
         io.Float.Input("partial_fraction", default=0.3, min=0.0, max=1.0, step=0.05, optional=True,
                        tooltip="partial: how much of each neighbouring band (the rows nearest to a band) its attention "
                                "sees, in the first half of the steps. 0.3 as in the PCPP paper; 1 = whole neighbours."),

@@ -60,16 +60,18 @@ class ParallelSpec:
     trace: bool = False  # keep a per-layer exchange trace (split.trace)
     overlap: bool = True  # exact mode: overlap exchanges with compute
 
-    def stale_options(self, sigmas: torch.Tensor, height: int, width: int):
-        """StaleOptions for this run (None unless mode is displaced or partial)."""
-        from ..split.displaced import STALE_MODES, StaleOptions, resolve_groupnorm, resolve_warmup
+    def stale_options(self, sigmas: torch.Tensor, height: int, width: int, model_sampling: Any = None):
+        """StaleOptions for this run (None unless mode is displaced or partial). ``model_sampling`` (the
+        model's) lets the auto warmup cover the steps that still decide the composition."""
+        from ..split.displaced import STALE_MODES, StaleOptions, noise_levels, resolve_groupnorm, resolve_warmup
 
         if self.mode not in STALE_MODES:
             return None
         steps = max(1, int(sigmas.shape[-1]) - 1)
         late = self.partial_fraction_late
+        levels = None if model_sampling is None else noise_levels(model_sampling, sigmas[:steps])
         return StaleOptions(
-            mode=self.mode, warmup=resolve_warmup(self.warmup, steps),
+            mode=self.mode, warmup=resolve_warmup(self.warmup, steps, levels),
             groupnorm=resolve_groupnorm(self.groupnorm, height, width), fraction=float(self.partial_fraction),
             fraction_late=None if late is None or late < 0 else float(late),
             late_sigma=float(sigmas[steps // 2]),  # late steps: the second half of the schedule
@@ -116,7 +118,8 @@ class SamplingJob(Job):
                                 batch_split=self.parallel.world_size if self.parallel.mode == "batch" else 0)
             align = band_alignment(model)  # the one band rule, shared with the web overlay
             stale = self.parallel.stale_options(self.sigmas, int(self.latent_image.shape[-2]),
-                                                int(self.latent_image.shape[-1]))
+                                                int(self.latent_image.shape[-1]),
+                                                model.get_model_object("model_sampling"))
             runtime = BandParallelRuntime(plan, ctx.rank, align, weights=self.parallel.weights, stats=stats,
                                           stale=stale, trace=self.parallel.trace,
                                           overlap=self.parallel.overlap)

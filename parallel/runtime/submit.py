@@ -56,8 +56,8 @@ class ParallelInputError(ValueError):
 
 @dataclass(frozen=True)
 class ModeOptions:
-    """Settings of the displaced / partial modes (ignored by exact and batch). ``warmup`` 0 = auto (10% of
-    the steps, at least 1); ``partial_fraction_late`` < 0 = same as ``partial_fraction``; ``groupnorm``
+    """Settings of the displaced / partial modes (ignored by exact and batch). ``warmup`` 0 = auto (the
+    steps above displaced.COMPOSITION_NOISE_LEVEL, at least 10% of the steps and 1); ``partial_fraction_late`` < 0 = same as ``partial_fraction``; ``groupnorm``
     auto = synchronous at or below 1024x1024 pixels, corrected above."""
 
     warmup: int = 0

@@ -247,6 +247,23 @@ def test_displaced_and_partial_modes_through_the_pool_with_per_step_accounting(s
     assert per_step["partial"]["exact"]["bytes_sent"]["kv"] == per_step["displaced"]["exact"]["bytes_sent"]["kv"]
 
 
+def test_auto_warmup_covers_the_steps_that_form_the_composition(sd15):
+    """warmup 0 from noise: the workers keep exact steps while the noise level is above 0.6 of the model's
+    schedule (more than 10% of the steps here), as displaced.resolve_warmup says for these sigmas."""
+    import comfy.samplers
+    from hires_parallel.nodes.parallel_sampler import pool_status_text
+    from hires_parallel.parallel.split.displaced import noise_levels, resolve_warmup
+
+    conds = make_conds(sd15, seed=1)
+    _parallel(sd15, conds, _latent(40, 32), steps=8, mode="displaced", warmup=0)
+    status = json.loads(pool_status_text())["last_run"]
+    sigmas = comfy.samplers.KSampler(sd15, 8, "cpu", "euler", "karras", 1.0).sigmas
+    expected = resolve_warmup(0, 8, noise_levels(sd15.get_model_object("model_sampling"), sigmas[:8]))
+    print(f"\n[auto warmup] 8 karras steps from noise: {status['stale']['warmup']} exact steps")
+    assert status["stale"]["warmup"] == expected > resolve_warmup(0, 8)
+    assert [s["stale_calls"] > 0 for s in status["ranks"][0]["comm_steps"]] == [False] * expected + [True] * (8 - expected)
+
+
 def test_mode_options_are_checked_before_any_work(sd15):
     from hires_parallel.parallel.runtime.submit import ParallelInputError
 
