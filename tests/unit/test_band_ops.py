@@ -258,3 +258,46 @@ def test_comm_stats_merge_and_reset() -> None:
     assert a.sent["kv"] == 10
     a.reset()
     assert a.as_dict()["total_bytes_sent"] == 0 and a.as_dict()["bytes_sent"] == {}
+
+
+def test_band_conv_from_padded_band_and_halo_terms_equals_stacked_input():
+    """conv_band_rows convolves the band alone (zero rows for the halo) and adds the halo rows' terms to the
+    border rows in place; the overlapped variant does the same with the halo arriving during the conv. Both
+    equal the conv of the stacked [halo | band | halo] rows (float64: 1e-12) for every kernel, stride,
+    padding and dilation the bands take, at both image edges and in between."""
+    import itertools
+    from types import SimpleNamespace
+
+    from hires_parallel.parallel.split.band_ops import (ConvGeometry, _stacked_band_conv, conv_band_rows,
+                                                          conv_band_rows_overlapped, conv_halo_rows)
+
+    class Pending:
+        def __init__(self, above, below):
+            self.result = (above, below)
+
+        def wait(self):
+            return self.result
+
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for k, st, pad, dil, h, last, first in itertools.product([1, 3, 5], [1, 2], [0, 1, 2], [1, 2], [2, 4, 6, 8],
+                                                             [False, True], [False, True]):
+        if h % st:
+            continue
+        top, bottom = conv_halo_rows(k, st, pad, dil)
+        if (h + top + (pad if last else bottom) - (dil * (k - 1) + 1)) < 0:
+            continue  # the conv has no output row for this band
+        w = torch.randn(5, 3, k, k, generator=g, dtype=torch.float64)
+        b = torch.randn(5, generator=g, dtype=torch.float64)
+        x = torch.randn(2, 3, h, 12, generator=g, dtype=torch.float64)
+        geo = ConvGeometry((st, st), (pad, pad), (dil, dil), 1, top, bottom)
+        above = torch.randn(2, 3, top, 12, generator=g, dtype=torch.float64) if top and not first else None
+        below = torch.randn(2, 3, bottom, 12, generator=g, dtype=torch.float64) if bottom and not last else None
+        band = SimpleNamespace(is_last=last)
+        ref = _stacked_band_conv(x, above, below, w, b, geo, band)
+        for out in (conv_band_rows(x, above, below, w, b, geo, band),
+                    conv_band_rows_overlapped(x, Pending(above, below), w, b, geo, band)):
+            assert out.shape == ref.shape, (k, st, pad, dil, h, last, first)
+            assert (out - ref).abs().max().item() < 1e-12, (k, st, pad, dil, h, last, first)
+            checked += 1
+    assert checked > 800
