@@ -6,7 +6,7 @@ seconds per step of every mode on GPU rigs this machine does not have, and the p
 (ii) 8x H100 NVLink, 8x / 4x RTX 4090 PCIe without P2P, 2x RTX 3090: SDXL and Flux.1-dev at 2048^2 and 4096^2,
     CFG batch 2 (Flux.1-dev: guidance-distilled, batch 1), 30 steps; s/step and speed-up of each mode on all
     devices (exact both blocking and overlapped per layer, as the runtime runs it now, beside displaced /
-    partial), and choose_plan's pick (approximate modes allowed, exact overlapped).
+    partial), and the plans choose_plan picks for mode auto (exact results) and auto_approximate.
 
     python benchmarks/simulate_rig.py
 """
@@ -72,10 +72,12 @@ def rig_rows(steps: int = 30) -> list[dict[str, Any]]:
                                       "exchange_s": round(p.exchange_s, 4), "exposed_s": round(p.exposed_s, 4),
                                       "GB_sent": round(p.bytes_sent / 1e9, 3)}
                 choice = choose_plan(desc, rig, batch=batch, allow_approximate=True, steps=steps)
+                exact = choose_plan(desc, rig, batch=batch, allow_approximate=False, steps=steps)
                 rows.append({"rig": rig.name, "model": model, "size": size, "batch": batch,
                              "single_s_per_step": round(choice.prediction.single_s, 4), "modes": modes,
                              "choice": choice.prediction.label, "choice_speedup": round(choice.prediction.speedup, 2),
-                             "reason": choice.reason})
+                             "reason": choice.reason, "choice_auto": exact.prediction.label,
+                             "choice_auto_speedup": round(exact.prediction.speedup, 2)})
     return rows
 
 
@@ -97,7 +99,18 @@ def main(argv: list[str] | None = None) -> int:
         for label, m in r["modes"].items():
             print(f"  {label:63s} {m['s_per_step']:8.3f} s ({m['speedup']:5.2f}x)  exchanges {m['exchange_s']:.3f} s "
                   f"(exposed {m['exposed_s']:.3f}), {m['GB_sent']:.2f} GB sent")
-        print(f"  -> choose_plan: {r['choice']} ({r['choice_speedup']:.2f}x)")
+        print(f"  -> mode auto: {r['choice_auto']} ({r['choice_auto_speedup']:.2f}x); "
+              f"auto_approximate: {r['choice']} ({r['choice_speedup']:.2f}x)")
+    print("\nsummary: predicted speed-up on all devices; the planner's pick (auto = exact results only)")
+    print(f"{'rig':28s} {'model':11s} {'size':>5s} {'exact blk':>9s} {'exact ovl':>9s} {'displaced':>9s} "
+          f"{'partial':>8s}  auto pick")
+    for r in rows:
+        def find(prefix: str, r: dict = r) -> str:
+            hit = [m["speedup"] for k, m in r["modes"].items() if k.startswith(prefix)]
+            return f"{hit[0]:.2f}x" if hit else "-"
+        print(f"{r['rig']:28s} {r['model']:11s} {r['size']:>5d} {find('exact bands (blocking)'):>9s} "
+              f"{find('exact bands on'):>9s} {find('displaced bands on'):>9s} {find('partial bands on'):>8s}  "
+              f"{r['choice_auto']} ({r['choice_auto_speedup']:.2f}x)")
     write_result(args.out, {"benchmark": "simulate_rig", "machine": machine(), "published": pub, "rigs": rows})
     return 0
 
