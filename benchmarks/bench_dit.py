@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from bench_common import machine, write_result  # benchmarks/ is sys.path[0] when run as a script
+from bench_common import machine, use_pytorch_attention, write_result  # benchmarks/ is sys.path[0] when run as a script
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LINKS_GBPS = {"NVLink 4 (450 GB/s)": 450.0, "PCIe 4.0 x16 (25 GB/s)": 25.0, "PCIe 3.0 x16 (12 GB/s)": 12.0}
@@ -121,6 +121,8 @@ def _psnr(out, ref) -> float:
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     from hires_parallel.comfy_host import ensure_comfy
 
+    if args.attention == "pytorch":
+        use_pytorch_attention()
     ensure_comfy(cpu=True)
     import torch
 
@@ -200,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=2, help="rounds; the fastest step of each configuration is kept")
     ap.add_argument("--analytic-only", action="store_true")
+    ap.add_argument("--attention", default="default", choices=["default", "pytorch"],
+                    help="ComfyUI's attention: its default for this machine, or PyTorch's (--use-pytorch-cross-attention)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "dit.json"))
     args = ap.parse_args(argv)
     analytic = analytic_table()
@@ -207,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     if measured:
         print_measured(measured, args.repeat)
     print_analytic(analytic)
-    write_result(args.out, {"benchmark": "dit", "machine": machine(), "measured": measured, "analytic": analytic,
+    write_result(args.out, {"benchmark": "dit", "machine": machine(), "attention": args.attention,
+                            "measured": measured, "analytic": analytic,
                             "xdit_published_flux_dev_1024_4xH100_s": XDIT_FLUX_DEV_1024_H100}, indent=1, default=str)
     return 0
 

@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of every configuration")
     ap.add_argument("--attention", default="default", choices=["default", "pytorch"],
                     help="ComfyUI's attention: its default for this machine, or PyTorch's (--use-pytorch-cross-attention)")
+    ap.add_argument("--trace", action="store_true",
+                    help="also trace the exchanges (split/trace.py) and print each parallel row's per-step summary")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "exact_scaling.json"))
     args = ap.parse_args(argv)
 
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     def run(devices: list[str], threads: int, cfg_parallel: str = "off", overlap: bool = True):
         torch.set_num_threads(threads)
         out = submit.run_sampling(model, pos, neg, 5.0, noise, latent, sigmas, SamplerSpec(name="euler"), 0, None,
-                                  devices, cfg_parallel=cfg_parallel, options=submit.ModeOptions(overlap=overlap))
+                                  devices, cfg_parallel=cfg_parallel,
+                                  options=submit.ModeOptions(overlap=overlap, trace=args.trace))
         return out, json.loads(json.dumps(submit.LAST_RUN, default=str))
 
     configs = [("1 rank x 2 threads", ["cpu"], 2, "off", True), ("1 rank x 1 thread", ["cpu"], 1, "off", True),
@@ -79,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             rank0 = last["ranks"][0]
             steps = max(1, rank0["steps"])
             comm = rank0.get("comm", {})
+            if last.get("trace_summary"):
+                for t in last["trace_summary"]:
+                    print(f"  trace {label}, rank {t['rank']}: per step {t['per_step']}")
             samples[label].append({
                 "s_per_step": statistics.median(rank0["step_s"][1:] or rank0["step_s"]), "wall_s": wall,
                 "wait_s_per_step": float(comm.get("total_seconds", 0.0)) / steps,

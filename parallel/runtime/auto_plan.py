@@ -156,8 +156,9 @@ def measure_step(model: Any, positive: list, negative: list | None, cfg: float, 
     and latent shape; the first of two steps warms up, the second is timed)."""
     import comfy.samplers
 
-    key = (id(model.model), tuple(getattr(model, "patches_uuid", "") and [str(model.patches_uuid)]),
-           tuple(latent.shape), negative is not None and cfg != 1.0, str(model.load_device), torch.get_num_threads())
+    # the model's weights and its patch set (LoRAs), the size, whether there is a negative pass, where and how
+    key = (id(model.model), str(getattr(model, "patches_uuid", "")), tuple(latent.shape),
+           negative is not None and cfg != 1.0, str(model.load_device), torch.get_num_threads())
     if key in _CALLS:
         return _CALLS[key]
     guider = comfy.samplers.CFGGuider(model)

@@ -22,7 +22,8 @@ WAIT_MS = 60_000
 TEMPLATES = sorted(p.stem for p in (REPO_ROOT / "example_workflows").glob("*.json"))
 
 
-def sampler_prompt(steps: int = 4, devices: int = 2, cfg_parallel: str = "off", height: int = 128) -> dict:
+def sampler_prompt(steps: int = 4, devices: int = 2, cfg_parallel: str = "off", height: int = 128,
+                   mode: str = "exact") -> dict:
     """Test model -> Patch-Parallel KSampler on `devices` CPU worker processes -> SaveLatent."""
     return {
         "1": {"class_type": "HiResTestCheckpointLoader", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
@@ -32,7 +33,7 @@ def sampler_prompt(steps: int = 4, devices: int = 2, cfg_parallel: str = "off", 
         "5": {"class_type": "HiResParallelPatchParallelKSampler", "inputs": {
             "model": ["1", 0], "seed": 3, "steps": steps, "cfg": 5.0, "sampler_name": "euler",
             "scheduler": "normal", "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
-            "denoise": 1.0, "devices": devices, "device_kind": "cpu", "mode": "exact",
+            "denoise": 1.0, "devices": devices, "device_kind": "cpu", "mode": mode,
             "cfg_parallel": cfg_parallel, "device_weights": ""}},
         "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "browser/job"}},
     }
@@ -156,6 +157,16 @@ def test_panel_follows_a_job_step_by_step(page, browser_server, artifacts, test_
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
         print(f"updated {target}")
+
+
+def test_panel_shows_the_plan_of_an_auto_run(page, browser_server, test_pack):
+    open_panel(page)
+    prompt_id = browser_server.queue(sampler_prompt(steps=2, devices=2, cfg_parallel="auto", mode="auto"))
+    browser_server.wait(prompt_id, timeout=JOB_TIMEOUT_S)
+    page.wait_for_selector('[data-hp="plan"]', timeout=WAIT_MS)
+    text = page.inner_text('[data-hp="plan"]')  # looked up again: every status push re-renders the panel
+    plan = browser_server.get("/hires_parallel/status").json()["last_run"]["plan"]
+    assert text.startswith("Plan (auto):") and plan["reason"][:40] in text, (text, plan)
 
 
 def test_a_failed_run_shows_its_error_and_hint(page, browser_server, test_pack):
