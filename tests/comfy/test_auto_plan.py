@@ -92,6 +92,26 @@ def test_auto_run_through_the_node_equals_comfy_ksampler(sd15, fresh_measurement
     print(f"\nplan: {plan['reason']}")
 
 
+def test_a_split_plan_runs_on_the_pool_and_equals_comfy_ksampler(sd15, fresh_measurements, monkeypatch):
+    """A link forced fast makes the plan split over both CPU workers: the run follows the plan (devices, mode,
+    CFG parallel) and still gives ComfyUI's KSampler result."""
+    from hires_parallel.nodes.parallel_sampler import HiResParallelPatchParallelKSampler
+    from hires_parallel.parallel.runtime import submit
+
+    ap = fresh_measurements
+    _force_link(ap, monkeypatch, 100.0, 1.0, 0.0, 0.0)
+    monkeypatch.setattr(ap, "cpu_thread_speedup", lambda threads=None: 1.0)
+    conds = make_conds(sd15, seed=1)
+    latent = {"samples": torch.zeros(1, 4, 48, 40)}
+    out = HiResParallelPatchParallelKSampler.execute(sd15, 5, 3, 5.0, "euler", "karras", conds[0], conds[1], latent,
+                                                     1.0, 2, "cpu", "auto", "auto").result[0]["samples"]
+    plan = submit.LAST_RUN["plan"]
+    assert plan["devices"] == 2 and submit.LAST_RUN["world_size"] == 2, plan
+    assert submit.LAST_RUN["mode"] == plan["mode"] and submit.LAST_RUN["cfg_parallel"] == (plan["cfg_parallel"] == "on")
+    ref = comfy_reference(sd15, conds, latent, seed=5, steps=3, cfg=5.0, sampler="euler", scheduler="karras")
+    ref.noise_tolerance.check(f"auto plan: {plan['mode']} on 2, CFG parallel {plan['cfg_parallel']}", out, ref)
+
+
 def test_auto_layout_preview_and_cpu_devices():
     from hires_parallel import web_routes
     from hires_parallel.parallel.runtime import submit
