@@ -86,3 +86,32 @@ def test_trace_is_off_by_default() -> None:
 
     rt = BandParallelRuntime(ParallelPlan(1, False), 0, 4)
     assert rt.stats.trace is None and rt.overlap
+
+
+def test_trace_tool_writes_json_and_a_timeline(tmp_path, comfy_root) -> None:
+    """tools/trace_timeline.py: a traced 2-rank run as JSON (every exchange of both ranks) and a PNG with one row
+    per rank; --from-json draws the saved trace again."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    tool = pathlib.Path(__file__).resolve().parents[2] / "tools" / "trace_timeline.py"
+    out = tmp_path / "trace"
+    r = subprocess.run([sys.executable, str(tool), "--model", "test", "--size", "256", "--steps", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert sorted(t["rank"] for t in data["traces"]) == [0, 1] and data["overlap"]
+    for t in data["traces"]:
+        kinds = {e["kind"] for e in t["events"]}
+        assert {"halo", "groupnorm", "kv", "output"} <= kinds, kinds
+        assert {c["step"] for c in t["calls"]} == {0, 1}
+    assert "per step" in r.stdout and len(data["summary"]) == 2
+    assert Image.open(out.with_suffix(".png")).size[1] > 60
+    again = tmp_path / "again"
+    r = subprocess.run([sys.executable, str(tool), "--from-json", str(out.with_suffix(".json")), "--out", str(again)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and again.with_suffix(".png").exists(), r.stderr[-2000:]
