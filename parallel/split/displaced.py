@@ -219,6 +219,7 @@ class _Bucket:
                  tag: int) -> None:
         self.transport, self.dtype, self.layers, self.tag = transport, dtype, layers, tag
         self.works: list[Any] = []
+        self.launched = 0.0  # when the last exchange of this bucket started (for the trace)
         self.filled = 0
         self.kind_bytes: dict[str, int] = {}
         if transport == "peers":
@@ -280,11 +281,12 @@ class _Bucket:
                 if self.send.numel():
                     ops.append(dist.P2POp(dist.isend, self.send, peer, band.group, self.tag))
             self.works = batch_isend_irecv(ops)
+            self.launched = _time.perf_counter()
             size = self.send.element_size()
             me, n = band.index, band.size
             for lay in self.layers:
                 stats.add(lay.kind, (n - 1) * lay.peer_numel[me] * size,
-                          (sum(lay.peer_numel) - lay.peer_numel[me]) * size)
+                          (sum(lay.peer_numel) - lay.peer_numel[me]) * size, blocking=False)
         else:
             sp, sn, rp, rn = self.flat
             ops = []
@@ -297,9 +299,11 @@ class _Bucket:
             if sp.numel():
                 ops.append(dist.P2POp(dist.isend, sp, band.prev_rank, band.group, self.tag))
             self.works = batch_isend_irecv(ops)
+            self.launched = _time.perf_counter()
             size = sp.element_size()
             for lay in self.layers:
-                stats.add(lay.kind, (lay.p2p[0] + lay.p2p[1]) * size, (lay.p2p[2] + lay.p2p[3]) * size)
+                stats.add(lay.kind, (lay.p2p[0] + lay.p2p[1]) * size, (lay.p2p[2] + lay.p2p[3]) * size,
+                          blocking=False)
         self.filled = 0
 
     def wait(self, stats: CommStats) -> None:
@@ -311,8 +315,13 @@ class _Bucket:
         self.works = []
         dt = _time.perf_counter() - t0
         total = sum(self.kind_bytes.values()) or 1
+        start = t0
         for kind, b in self.kind_bytes.items():  # one wait serves every kind in the bucket: split by bytes
-            stats.seconds[kind] = stats.seconds.get(kind, 0.0) + dt * b / total
+            share = dt * b / total
+            stats.add_wait(kind, t0, t0 + share, blocking=False)
+            t0 += share
+        if stats.trace is not None:  # how long the bucket travelled while this rank computed
+            stats.trace.in_flight(start - self.launched)
 
 
 class _Slot:

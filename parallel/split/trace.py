@@ -58,7 +58,7 @@ class ExchangeTrace:
         """A wait of ``t1 - t0`` seconds in an exchange of ``kind`` (its bytes follow in ``counted``)."""
         ev = {"layer": self.layer, "kind": kind, "sent": 0, "received": 0, "blocking": blocking,
               "t0": t0, "compute_s": max(0.0, t0 - self._last_end), "wait_s": t1 - t0}
-        self.events.append(ev)
+        self._append(ev)
         self._pending = ev
         self._last_end = t1
 
@@ -76,11 +76,16 @@ class ExchangeTrace:
             self._pending = None
             return
         now = _time.perf_counter()
-        self.events.append({"layer": self.layer, "kind": kind, "sent": int(sent), "received": int(received),
-                            "blocking": blocking, "t0": now, "compute_s": max(0.0, now - self._last_end),
-                            "wait_s": 0.0})
+        self._append({"layer": self.layer, "kind": kind, "sent": int(sent), "received": int(received),
+                      "blocking": blocking, "t0": now, "compute_s": max(0.0, now - self._last_end), "wait_s": 0.0})
         self._last_end = now
         self._pending = None
+
+    def _append(self, ev: dict[str, Any]) -> None:
+        if self._call_start is None and self.calls:  # after the last call (the final drain): its step's
+            ev["step"], ev["slot"] = self.calls[-1]["step"], self.calls[-1]["slot"]
+            ev["compute_s"] = 0.0
+        self.events.append(ev)
 
     def as_dict(self) -> dict[str, Any]:
         return {"rank": self.rank, "events": list(self.events), "calls": list(self.calls)}
