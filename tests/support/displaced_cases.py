@@ -105,11 +105,19 @@ def sample(model: Any, r: dict[str, Any]) -> torch.Tensor:
 
 
 def probe(model: Any, r: dict[str, Any]) -> torch.Tensor:
+    c = r["base"]
+    positive, negative = conds(model, r)
+    x = torch.randn(c["batch"], 4, c["h"], c["w"], generator=torch.Generator().manual_seed(c["seed"]))
+    return same_input_outputs(model, x, c["cfg"], PROBE_SIGMAS, positive, negative)
+
+
+def same_input_outputs(model: Any, x: torch.Tensor, cfg: float, sigmas: list[float], positive: list,
+                       negative: list) -> torch.Tensor:
+    """The denoised output of every model call at ``sigmas`` on the one input ``x``, stacked: a sampler that
+    never moves, so every step sees the same input and stale data can be compared with fresh data."""
     import comfy.sample
     import comfy.samplers
 
-    c = r["base"]
-    positive, negative = conds(model, r)
     outs: list[torch.Tensor] = []
 
     def same_input(model_k, noise, sigmas, extra_args=None, callback=None, disable=None):
@@ -118,8 +126,7 @@ def probe(model: Any, r: dict[str, Any]) -> torch.Tensor:
             outs.append(model_k(noise, sigma * s_in, **(extra_args or {})).float().cpu())
         return outs[-1]
 
-    x = torch.randn(c["batch"], 4, c["h"], c["w"], generator=torch.Generator().manual_seed(c["seed"]))
-    comfy.sample.sample_custom(model, x, c["cfg"], comfy.samplers.KSAMPLER(same_input), torch.tensor(PROBE_SIGMAS),
+    comfy.sample.sample_custom(model, x, cfg, comfy.samplers.KSAMPLER(same_input), torch.tensor(sigmas),
                                positive, negative, torch.zeros_like(x), disable_pbar=True, seed=0)
     return torch.stack(outs)
 

@@ -138,24 +138,12 @@ def with_attention(model: Any, patch: Any) -> Any:
 
 def probe(model: Any) -> torch.Tensor:
     """The denoised output of every call at PROBE_SIGMAS on one fixed input, stacked (calls, B, C, H, W)."""
-    import comfy.sample
-    import comfy.samplers
-
     from support import tiny_models as tm
+    from support.displaced_cases import same_input_outputs
 
     positive, negative = tm.make_conds(model, 3)
-    outs: list[torch.Tensor] = []
-
-    def same_input(model_k, noise, sigmas, extra_args=None, callback=None, disable=None):
-        s_in = noise.new_ones([noise.shape[0]])
-        for sigma in sigmas[:-1]:
-            outs.append(model_k(noise, sigma * s_in, **(extra_args or {})).float().cpu())
-        return outs[-1]
-
     x = torch.randn(1, 4, H, W, generator=torch.Generator().manual_seed(SEED))
-    comfy.sample.sample_custom(model, x, CFG, comfy.samplers.KSAMPLER(same_input), torch.tensor(PROBE_SIGMAS),
-                               positive, negative, torch.zeros_like(x), disable_pbar=True, seed=0)
-    return torch.stack(outs)
+    return same_input_outputs(model, x, CFG, PROBE_SIGMAS, positive, negative)
 
 
 def references(bands: list[tuple[int, int]]) -> dict[str, Any]:
