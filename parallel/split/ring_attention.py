@@ -25,11 +25,17 @@ from .comm import BandGroup
 __all__ = ["attention_lse", "merge_partials", "lse_attention_available", "overlapped_kv_attention"]
 
 
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """The dtype partial results are combined in: float32, or float64 for float64 inputs."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _math_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ct = _acc(q)
     scale = q.shape[-1] ** -0.5
-    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    s = torch.matmul(q.to(ct), k.to(ct).transpose(-2, -1)) * scale
     lse = torch.logsumexp(s, dim=-1)
-    out = torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v.float())
+    out = torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v.to(ct))
     return out.to(q.dtype), lse
 
 
@@ -37,7 +43,7 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
     """Softmax attention of (B, H, Lq, D) queries over (B, H, Lk, D) keys / values: (output (B, H, Lq, D),
     log-sum-exp (B, H, Lq) in float32). PyTorch's flash kernels where they apply, exact math otherwise."""
     try:
-        if q.device.type == "cpu":
+        if q.device.type == "cpu" and q.dtype != torch.float64:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)[:2]
             return out, lse.float()
         if q.device.type == "cuda":
@@ -54,10 +60,12 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
 def merge_partials(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Attention over the union of disjoint key blocks from each block's (output, log-sum-exp)."""
     out0, lse = parts[0]
-    acc = out0.float()
+    ct = _acc(out0)
+    acc, lse = out0.to(ct), lse.to(ct)
     for out, lse_j in parts[1:]:
+        lse_j = lse_j.to(ct)
         new = torch.logaddexp(lse, lse_j)
-        acc = acc * torch.exp(lse - new).unsqueeze(-1) + out.float() * torch.exp(lse_j - new).unsqueeze(-1)
+        acc = acc * torch.exp(lse - new).unsqueeze(-1) + out.to(ct) * torch.exp(lse_j - new).unsqueeze(-1)
         lse = new
     return acc.to(out0.dtype)
 

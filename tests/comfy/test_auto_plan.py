@@ -124,3 +124,20 @@ def test_auto_layout_preview_and_cpu_devices():
     assert lay["auto"] and lay["mode"] == "exact" and lay["world_size"] == 2
     with pytest.raises(ValueError, match="auto_approximate"):
         web_routes.layout_for({"height": "512", "width": "512", "devices": "2", "device_kind": "cpu", "mode": "x"})
+
+
+def test_link_probe_measures_a_fresh_pool_once(fresh_measurements):
+    """LinkProbeJob on a 2-rank CPU pool: bandwidth, latency, the wait of computing ranks and the per-step
+    overhead come back positive, are kept on the pool and per device kind, and the next call reuses them."""
+    from hires_parallel.parallel.runtime.pool import get_pool
+
+    ap = fresh_measurements
+    pool = get_pool(["cpu", "cpu"])
+    first = ap.probe_pool(pool, "cpu")
+    assert first is not None and pool.link_probe is first, first
+    assert first["bandwidth_gbps"] > 0 and first["latency_us"] > 0 and first["step_overhead_s"] > 0
+    assert first["sync_wait_us"] >= 0
+    link, measured = ap.link_for("cpu")
+    assert measured and link == first
+    assert ap.probe_pool(pool, "cpu") is first  # cached: no second probe
+    print(f"\nlink probe, 2 CPU ranks (gloo): {first}")
