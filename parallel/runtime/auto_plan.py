@@ -4,8 +4,8 @@
   progress message of every step), measured by ``LinkProbeJob`` once when a pool starts and cached per
   device kind; before any pool ran, typical figures of the device kind stand in (and the reason says so);
 * the model's cost at this size: one denoising step of the user's model, conds and latent size, sampled in
-  this process (ComfyUI's own sampler loop, one step), cached per model and latent shape; on CPU also how
-  much faster one process runs on every core than on one (a small matmul probe);
+  this process (ComfyUI's own sampler loop), cached per model and latent shape; on CPU also the same step on
+  one thread, for how much faster one process runs on every core than on one;
 * the plan: ``planning.planner.plan_for_model`` enumerates world sizes and modes and returns the fastest
   predicted (never one predicted slower than one device) with the reason, which goes to the log, Pool
   Status and the web panel (``LAST_RUN["plan"]``).
@@ -121,33 +121,21 @@ def link_for(kind: str) -> tuple[dict[str, float], bool]:
     return {"bandwidth_gbps": bw, "latency_us": lat, "step_overhead_s": over, "sync_wait_us": sync}, False
 
 
-def cpu_thread_speedup(threads: int | None = None) -> float:
-    """How much faster a matmul-heavy loop runs on ``threads`` (default: torch's) threads than on one."""
+def cpu_thread_speedup(model: Any, positive: list, negative: list | None, cfg: float, latent: torch.Tensor,
+                       sigmas: torch.Tensor, threads: int | None = None) -> float:
+    """How much faster one step of this model at this size runs on ``threads`` (default: torch's) threads than
+    on one: the thread model of CPU ranks that share the cores (measured, cached with the step times)."""
     threads = threads or torch.get_num_threads()
     if threads <= 1:
         return 1.0
-    key = ("threads", threads)
-    if key in _CALLS:
-        return _CALLS[key]
-    a = torch.randn(384, 384)
+    many = measure_step(model, positive, negative, cfg, latent, sigmas)
     before = torch.get_num_threads()
-
-    def rate(n: int) -> float:
-        torch.set_num_threads(n)
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(20):
-                a @ a
-            best = min(best, time.perf_counter() - t0)
-        return best
-
+    torch.set_num_threads(1)
     try:
-        one, many = rate(1), rate(threads)
+        one = measure_step(model, positive, negative, cfg, latent, sigmas)
     finally:
         torch.set_num_threads(before)
-    _CALLS[key] = max(1.0, one / many)
-    return _CALLS[key]
+    return max(1.0, one / many)
 
 
 def measure_step(model: Any, positive: list, negative: list | None, cfg: float, latent: torch.Tensor,
@@ -209,7 +197,7 @@ def choose(model: Any, positive: list, negative: list | None, cfg: float, latent
     link, measured = link_for(kind)
     single = measure_step(model, positive, negative, cfg, latent, sigmas)
     cores = os.cpu_count() or 1
-    speedup = cpu_thread_speedup() if kind == "cpu" else None
+    speedup = cpu_thread_speedup(model, positive, negative, cfg, latent, sigmas) if kind == "cpu" else None
     steps = max(1, int(sigmas.shape[-1]) - 1)
     # the warmup the run will use (displaced.resolve_warmup: exact while the composition forms); with it the
     # approximate modes measured 32.7-49.8 dB PSNR on the shapes model at 1x-3x, so no size is excluded here

@@ -49,7 +49,7 @@ def test_slow_link_gives_one_device_fast_link_a_split(sd15, fresh_measurements, 
     assert len(slow.devices) == 1 and slow.mode == "exact", slow.reason
     assert "no plan is predicted faster" in slow.reason
     _force_link(ap, monkeypatch, 100.0, 1.0, 0.0, 0.0)  # NVLink-like, no overhead
-    monkeypatch.setattr(ap, "cpu_thread_speedup", lambda threads=None: 1.0)  # as separate devices: no core sharing
+    monkeypatch.setattr(ap, "cpu_thread_speedup", lambda *args, **kwargs: 1.0)  # as separate devices: no core sharing
     fast = _choose(ap, sd15, 64, 64)
     assert len(fast.devices) == 2, fast.reason
     assert fast.inputs["link_measured"] and fast.inputs["one_device_step_s"] > 0
@@ -59,7 +59,7 @@ def test_slow_link_gives_one_device_fast_link_a_split(sd15, fresh_measurements, 
 def test_approximate_modes_only_when_allowed(sd15, fresh_measurements, monkeypatch):
     ap = fresh_measurements
     _force_link(ap, monkeypatch, 0.05, 5_000.0, 0.0, 0.0)  # exchanges dear: stale modes would hide them
-    monkeypatch.setattr(ap, "cpu_thread_speedup", lambda threads=None: 1.0)
+    monkeypatch.setattr(ap, "cpu_thread_speedup", lambda *args, **kwargs: 1.0)
     exact_only = _choose(ap, sd15, 64, 64, "auto")
     assert exact_only.mode in ("exact", "batch"), exact_only.reason
     ranked = _choose(ap, sd15, 64, 64, "auto_approximate")
@@ -100,7 +100,7 @@ def test_a_split_plan_runs_on_the_pool_and_equals_comfy_ksampler(sd15, fresh_mea
 
     ap = fresh_measurements
     _force_link(ap, monkeypatch, 100.0, 1.0, 0.0, 0.0)
-    monkeypatch.setattr(ap, "cpu_thread_speedup", lambda threads=None: 1.0)
+    monkeypatch.setattr(ap, "cpu_thread_speedup", lambda *args, **kwargs: 1.0)
     conds = make_conds(sd15, seed=1)
     latent = {"samples": torch.zeros(1, 4, 48, 40)}
     out = HiResParallelPatchParallelKSampler.execute(sd15, 5, 3, 5.0, "euler", "karras", conds[0], conds[1], latent,
