@@ -94,6 +94,8 @@ def probe_pool(pool: Any, kind: str) -> dict[str, float] | None:
     """Measure the link of a freshly started pool once (cached on the pool and per device kind)."""
     found = getattr(pool, "link_probe", None)
     if found is not None:
+        with _lock:
+            _LINKS.setdefault(kind, found)
         return found
     if len(getattr(pool, "devices", [])) < 2:
         return None
