@@ -134,7 +134,7 @@ def plan_for_model(diffusion_model: Any, latent_shape: Sequence[int], devices: i
                    step_overhead_s: float = 0.0, allow_approximate: bool = False,
                    fidelity_gate: Callable[[str], bool] | Collection[str] | None = None, steps: int = 20,
                    warmup: int = 1, device_kind: str = "cuda", overlap_exact: bool = True,
-                   text_tokens: int | None = None, sms: int = 0) -> PlanChoice:
+                   text_tokens: int | None = None, sms: int = 0, fixed_call_s: float = 0.0) -> PlanChoice:
     """The plan for a live ComfyUI diffusion model (the torch module: UNetModel, Flux, SD3, Qwen-Image, Wan)
     on ``devices`` devices, from measured inputs. Pure apart from reading the module's layers.
 
@@ -145,7 +145,9 @@ def plan_for_model(diffusion_model: Any, latent_shape: Sequence[int], devices: i
     being how much faster 1 rank with every core is than 1 rank with one (None: unknown, taken as
     ``shared_cores``, i.e. threads scale perfectly and extra ranks gain nothing from the cores);
     ``link``: measured bandwidth / latency between ranks; ``step_overhead_s``: measured fixed seconds per
-    step of a multi-process run; ``sms``: streaming multiprocessors of a GPU (0: no wave quantisation).
+    step of a multi-process run; ``sms``: streaming multiprocessors of a GPU (0: no wave quantisation);
+    ``fixed_call_s``: measured seconds of a call that do not shrink with a smaller share of the work (the
+    model's per-layer overheads, e.g. a call at a tiny latent; CPU ranks), spread over its layers.
     A model describe_module cannot read, or a latent it cannot describe, gives 1 device (exact) with a
     reason saying so."""
     from .comfy_shapes import describe_module  # torch only; no ComfyUI import
@@ -165,6 +167,8 @@ def plan_for_model(diffusion_model: Any, latent_shape: Sequence[int], devices: i
         speedup = float(thread_speedup) if thread_speedup is not None else float(cores)
         rig = cpu_rig(cores, speedup, link_gbps=link.bandwidth_gbps, latency_us=link.latency_us,
                       step_overhead_s=step_overhead_s)
+        if fixed_call_s > 0:
+            rig = replace(rig, launch_s=float(fixed_call_s) / max(1, desc.kernels))
     elif device_kind == "cuda":
         rig = Rig(f"{devices}x GPU (measured)", devices, 100.0, link.bandwidth_gbps, link.latency_us, True, LAUNCH_S,
                   sms=int(sms), source="measured", step_overhead_s=float(step_overhead_s))

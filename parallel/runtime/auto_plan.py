@@ -5,7 +5,8 @@
   device kind; before any pool ran, typical figures of the device kind stand in (and the reason says so);
 * the model's cost at this size: one denoising step of the user's model, conds and latent size, sampled in
   this process (ComfyUI's own sampler loop), cached per model and latent shape; on CPU also the same step on
-  one thread, for how much faster one process runs on every core than on one;
+  one thread (how much faster one process runs on every core than on one) and a step at an 8x8 latent (the
+  fixed cost of a call, which a smaller share of the work does not shrink);
 * the plan: ``planning.planner.plan_for_model`` enumerates world sizes and modes and returns the fastest
   predicted (never one predicted slower than one device) with the reason, which goes to the log, Pool
   Status and the web panel (``LAST_RUN["plan"]``).
@@ -123,10 +124,17 @@ def link_for(kind: str) -> tuple[dict[str, float], bool]:
     return {"bandwidth_gbps": bw, "latency_us": lat, "step_overhead_s": over, "sync_wait_us": sync}, False
 
 
+def small_latent(latent: torch.Tensor, side: int = 8) -> torch.Tensor:
+    """A latent of the same batch, channels (and frames) at ``side`` x ``side``: a call there is almost only
+    the model's fixed per-layer cost."""
+    return latent.new_zeros((*latent.shape[:-2], min(side, latent.shape[-2]), min(side, latent.shape[-1])))
+
+
 def cpu_thread_speedup(model: Any, positive: list, negative: list | None, cfg: float, latent: torch.Tensor,
-                       sigmas: torch.Tensor, threads: int | None = None) -> float:
-    """How much faster one step of this model at this size runs on ``threads`` (default: torch's) threads than
-    on one: the thread model of CPU ranks that share the cores (measured, cached with the step times)."""
+                       sigmas: torch.Tensor, fixed_s: float = 0.0, threads: int | None = None) -> float:
+    """How much faster the work of one step of this model at this size (beyond its fixed cost ``fixed_s``)
+    runs on ``threads`` (default: torch's) threads than on one: the thread model of CPU ranks that share the
+    cores (measured, cached with the step times)."""
     threads = threads or torch.get_num_threads()
     if threads <= 1:
         return 1.0
@@ -137,7 +145,7 @@ def cpu_thread_speedup(model: Any, positive: list, negative: list | None, cfg: f
         one = measure_step(model, positive, negative, cfg, latent, sigmas)
     finally:
         torch.set_num_threads(before)
-    return max(1.0, one / many)
+    return max(1.0, (one - fixed_s) / max(many - fixed_s, 1e-9))
 
 
 def measure_step(model: Any, positive: list, negative: list | None, cfg: float, latent: torch.Tensor,
@@ -199,7 +207,10 @@ def choose(model: Any, positive: list, negative: list | None, cfg: float, latent
     link, measured = link_for(kind)
     single = measure_step(model, positive, negative, cfg, latent, sigmas)
     cores = os.cpu_count() or 1
-    speedup = cpu_thread_speedup(model, positive, negative, cfg, latent, sigmas) if kind == "cpu" else None
+    fixed = 0.0
+    if kind == "cpu":  # what a call costs whatever its share of the work (CPU: Python and per-layer overheads)
+        fixed = min(single, measure_step(model, positive, negative, cfg, small_latent(latent), sigmas))
+    speedup = cpu_thread_speedup(model, positive, negative, cfg, latent, sigmas, fixed) if kind == "cpu" else None
     steps = max(1, int(sigmas.shape[-1]) - 1)
     # the warmup the run will use (displaced.resolve_warmup: exact while the composition forms); with it the
     # approximate modes measured 32.7-49.8 dB PSNR on the shapes model at 1x-3x, so no size is excluded here
@@ -211,11 +222,13 @@ def choose(model: Any, positive: list, negative: list | None, cfg: float, latent
         model.get_model_object("diffusion_model"), tuple(latent.shape), len(available), batch=batch,
         single_call_s=single, link=Link(link["bandwidth_gbps"], latency_us), thread_speedup=speedup,
         shared_cores=cores if kind == "cpu" else 0, step_overhead_s=link["step_overhead_s"],
-        allow_approximate=setting == "auto_approximate", steps=steps, warmup=warmup, device_kind=kind)
+        allow_approximate=setting == "auto_approximate", steps=steps, warmup=warmup, device_kind=kind,
+        fixed_call_s=fixed)
     inputs = {"one_device_step_s": round(single, 4), "link": {k: round(v, 4) for k, v in link.items()},
               "link_measured": measured, "batch": batch}
     if speedup is not None:
         inputs["cpu_thread_speedup"] = round(speedup, 2)
+        inputs["fixed_call_s"] = round(fixed, 4)
     reason = choice.reason + ("" if measured else " (link: typical figures, not yet measured on this machine)")
     plan = AutoPlan(available[: choice.world], choice.mode, "on" if choice.cfg_parallel else "off", reason, inputs,
                     [getattr(p, "label", str(p)) for p in getattr(choice, "ranked", [])])

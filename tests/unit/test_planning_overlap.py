@@ -148,3 +148,22 @@ def test_tiny_size_step_overhead_decides():
     paid = choose_plan(desc, rig, 2, batch=1, single_call_s=0.027, link=link, step_overhead_s=0.002)
     assert free.world == 2 and paid.world == 1, (free.reason, paid.reason)
     assert paid.prediction.speedup == 1.0 and "no plan is predicted faster" in paid.reason
+
+
+def test_a_fixed_cost_per_call_shrinks_what_splitting_a_small_job_gains(monkeypatch):
+    """CPU ranks: a call's fixed cost (measured at a tiny latent) is paid whole by every rank, so it lowers
+    the predicted gain of splitting a short step; with a per-step overhead of the pool on top, 1 device wins."""
+    monkeypatch.setattr(comfy_shapes, "describe_module", lambda dm, hw, **kw: unet_description(SD_TEST_64, hw,
+                                                                                              itemsize=4))
+    kw = dict(batch=2, single_call_s=0.030, link=GLOO, thread_speedup=1.1, shared_cores=2, device_kind="cpu",
+              steps=20, warmup=1)
+    free = plan_for_model(object(), (1, 4, 32, 32), 2, fixed_call_s=0.0, step_overhead_s=0.001, **kw)
+    fixed = plan_for_model(object(), (1, 4, 32, 32), 2, fixed_call_s=0.020, step_overhead_s=0.001, **kw)
+    assert free.world == fixed.world == 2 and free.bands == fixed.bands == 1, (free.reason, fixed.reason)
+    assert fixed.prediction.speedup < free.prediction.speedup - 0.3, (free.reason, fixed.reason)
+    # rank: 20 ms fixed + half of 10 ms x 1.1 (one thread) = 25.5 ms, against 30 ms on one rank with 2 threads
+    assert fixed.prediction.compute_s == pytest.approx(0.0255, rel=0.02)
+    kept = plan_for_model(object(), (1, 4, 32, 32), 2, fixed_call_s=0.020, step_overhead_s=0.006, **kw)
+    assert kept.world == 1 and "no plan is predicted faster" in kept.reason, kept.reason
+    one = next(p for p in kept.ranked if p.world == 1)
+    assert one.total_s == pytest.approx(0.030, rel=1e-6)  # calibration keeps the measured single step
