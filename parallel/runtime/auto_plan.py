@@ -205,7 +205,19 @@ def choose(model: Any, positive: list, negative: list | None, cfg: float, latent
     batch = 2 if negative is not None and uncond_runs(cfg, getattr(model, "model_options", None)) else 1
     batch *= int(latent.shape[0])
     link, measured = link_for(kind)
-    single = measure_step(model, positive, negative, cfg, latent, sigmas)
+    try:
+        single = measure_step(model, positive, negative, cfg, latent, sigmas)
+    except torch.OutOfMemoryError:
+        # one device cannot even run a step at this size: splitting is the only way, and the plan the user
+        # would get from mode exact (bands on every device, CFG parallel auto) is the safe one
+        import comfy.model_management
+
+        comfy.model_management.soft_empty_cache()
+        plan = AutoPlan(list(available), "exact", "auto", f"1 device ran out of memory measuring one step at "
+                        f"{tuple(latent.shape)}: exact bands on all {len(available)} devices (nothing predicted)",
+                        {"one_device_step_s": None, "out_of_memory": True})
+        log.info("HiRes Parallel: plan: %s", plan.reason)
+        return plan
     cores = os.cpu_count() or 1
     fixed = 0.0
     if kind == "cpu":  # what a call costs whatever its share of the work (CPU: Python and per-layer overheads)

@@ -141,3 +141,17 @@ def test_link_probe_measures_a_fresh_pool_once(fresh_measurements):
     assert measured and link == first
     assert ap.probe_pool(pool, "cpu") is first  # cached: no second probe
     print(f"\nlink probe, 2 CPU ranks (gloo): {first}")
+
+
+def test_one_device_out_of_memory_plans_exact_bands_on_every_device(sd15, fresh_measurements, monkeypatch):
+    """When one device cannot run a step at this size (a fake CUDA out-of-memory in the in-process measurement),
+    auto takes exact bands on every device instead of failing; the reason says so."""
+    ap = fresh_measurements
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(ap, "measure_step", oom)
+    plan = _choose(ap, sd15, 64, 64, devices=3)
+    assert len(plan.devices) == 3 and plan.mode == "exact" and plan.cfg_parallel == "auto", plan
+    assert "ran out of memory" in plan.reason and plan.inputs["out_of_memory"]
