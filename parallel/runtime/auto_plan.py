@@ -243,7 +243,7 @@ def choose(model: Any, positive: list, negative: list | None, cfg: float, latent
         inputs["fixed_call_s"] = round(fixed, 4)
     reason = choice.reason + ("" if measured else " (link: typical figures, not yet measured on this machine)")
     plan = AutoPlan(available[: choice.world], choice.mode, "on" if choice.cfg_parallel else "off", reason, inputs,
-                    [getattr(p, "label", str(p)) for p in getattr(choice, "ranked", [])])
+                    [p.label for p in choice.ranked])
     log.info("HiRes Parallel: plan: %s on %d device(s), CFG parallel %s. %s", plan.mode, len(plan.devices),
              plan.cfg_parallel, reason)
     return plan

@@ -300,8 +300,8 @@ def run_sampling(model, positive, negative, cfg: float, noise: torch.Tensor, lat
     if mode in AUTO_MODES:  # the planner decides devices, mode and CFG parallel (auto_plan.py)
         from . import auto_plan
 
-        kind = "cuda" if str(devices[0]).startswith("cuda") else "cpu"
-        plan = auto_plan.choose(model, positive, negative, cfg, latent_image, sigmas, devices, mode, kind, options)
+        plan = auto_plan.choose(model, positive, negative, cfg, latent_image, sigmas, devices, mode,
+                                _device_kind(devices), options)
         devices, mode, cfg_parallel = plan.devices, plan.mode, plan.cfg_parallel
         if device_weights and len(devices) != len(device_weights.replace(";", ",").split(",")):
             device_weights = ""  # weights were given for the devices asked for, not those the plan uses
@@ -337,7 +337,7 @@ def run_sampling(model, positive, negative, cfg: float, noise: torch.Tensor, lat
     from .pool import get_pool
 
     pool = get_pool(devices)
-    auto_plan.probe_pool(pool, "cuda" if str(devices[0]).startswith("cuda") else "cpu")  # once per pool
+    auto_plan.probe_pool(pool, _device_kind(devices))  # once per pool
     store = weight_store(pool)
     payload = make_payload(model, store)
     positive, negative = ship_conditioning(positive, negative, store)  # ControlNets as records + files
@@ -354,6 +354,11 @@ def run_sampling(model, positive, negative, cfg: float, noise: torch.Tensor, lat
         raise
     _record(devices, spec, result.seconds, result.stats, plan)
     return result.value["samples"]
+
+
+def _device_kind(devices: list[str]) -> str:
+    """"cuda" or "cpu": the kind of the run's devices (a run never mixes them)."""
+    return "cuda" if str(devices[0]).startswith("cuda") else "cpu"
 
 
 def free_comfy_gpu(devices: list[str]) -> bool:

@@ -16,13 +16,14 @@ sage (quantized) or an attention override the callers gather K/V and use the use
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from .comm import BandGroup
 
-__all__ = ["attention_lse", "merge_partials", "lse_attention_available", "overlapped_kv_attention"]
+__all__ = ["attention_lse", "merge_partials", "lse_attention_available", "ring_attention",
+           "overlapped_kv_attention"]
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:
@@ -75,6 +76,24 @@ def merge_partials(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.
 _EXACT_BACKENDS = ("attention_pytorch", "attention_sub_quad", "attention_split", "attention_basic")
 
 
+def _exact_backends() -> frozenset:
+    """ComfyUI's plain-softmax attention functions, wrapped and unwrapped (looked up once: ComfyUI picks its
+    backend at import, before any model runs)."""
+    global _EXACT_FUNCS
+    if _EXACT_FUNCS is None:
+        from comfy.ldm.modules import attention
+
+        found = set()
+        for name in _EXACT_BACKENDS:
+            f = getattr(attention, name, None)
+            found |= {f, getattr(f, "__wrapped__", None)} - {None}
+        _EXACT_FUNCS = frozenset(found)
+    return _EXACT_FUNCS
+
+
+_EXACT_FUNCS: frozenset | None = None
+
+
 def lse_attention_available(q: torch.Tensor, transformer_options: dict | None = None, func: Any = None) -> bool:
     """Whether the overlapped path computes what the user's ComfyUI would: its attention function (``func``,
     the one a model called, else ComfyUI's ``optimized_attention``) is a plain softmax one, no override is
@@ -83,11 +102,7 @@ def lse_attention_available(q: torch.Tensor, transformer_options: dict | None = 
         from comfy.ldm.modules import attention
     except ImportError:
         return False
-    exact = set()
-    for name in _EXACT_BACKENDS:
-        f = getattr(attention, name, None)
-        exact |= {f, getattr(f, "__wrapped__", None)} - {None}
-    if (func if func is not None else attention.optimized_attention) not in exact:
+    if (func if func is not None else attention.optimized_attention) not in _exact_backends():
         return False
     if transformer_options and transformer_options.get("optimized_attention_override") is not None:
         return False
@@ -96,25 +111,33 @@ def lse_attention_available(q: torch.Tensor, transformer_options: dict | None = 
     return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, send: torch.Tensor, band: BandGroup,
+                   shapes: Sequence[Sequence[int]], split: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                   kind: str = "kv") -> torch.Tensor:
+    """The ring loop both splits share, on (B, H, L, D) tensors: ``send`` (this band's K/V in the exchange
+    format, received blocks of ``shapes``) starts travelling to every other band, ``q`` attends to its own
+    ``k`` / ``v`` meanwhile, then to each band's block as it arrives (``split`` turns a received block into
+    (B, H, L, D) keys and values), and the blocks merge by online softmax. Returns (B, H, Lq, D)."""
+    pending = band.start_peer_exchange(send, shapes, kind=kind)
+    parts = [attention_lse(q, k, v)]  # own block while the others travel
+    for j in range(band.size):
+        if j != band.index:
+            parts.append(attention_lse(q, *split(pending.wait(j))))
+    return merge_partials(parts)
+
+
 def overlapped_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, band: BandGroup,
                             sizes: Sequence[int], kind: str = "kv") -> torch.Tensor:
     """This band's rows of self-attention over every band's tokens, ring style: (B, L, H*D) in and out
     (ComfyUI's layout), ``sizes`` every band's token count. K and V travel together, point to point."""
     b, n, inner = q.shape
     d = inner // heads
-    kv = torch.cat([k, v], dim=-1)
-    shapes: list[Any] = [(b, int(s), kv.shape[-1]) for s in sizes]
-    pending = band.start_peer_exchange(kv, shapes, kind=kind)
 
     def heads_first(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(b, t.shape[1], heads, d).transpose(1, 2)
 
-    qh = heads_first(q)
-    parts = [attention_lse(qh, heads_first(k), heads_first(v))]  # own block while the others travel
-    for j in range(band.size):
-        if j == band.index:
-            continue
-        kv_j = pending.wait(j)
-        parts.append(attention_lse(qh, heads_first(kv_j[..., :inner]), heads_first(kv_j[..., inner:])))
-    out = merge_partials(parts)
+    kv = torch.cat([k, v], dim=-1)
+    out = ring_attention(heads_first(q), heads_first(k), heads_first(v), kv, band,
+                         [(b, int(s), kv.shape[-1]) for s in sizes],
+                         lambda kv_j: (heads_first(kv_j[..., :inner]), heads_first(kv_j[..., inner:])), kind)
     return out.transpose(1, 2).reshape(b, n, inner)

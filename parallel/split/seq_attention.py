@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from .comm import BandGroup
-from .ring_attention import attention_lse, merge_partials
+from .ring_attention import ring_attention
 
 __all__ = ["gathered_kv_attention", "ring_kv_attention", "ulysses_attention", "ulysses_applies"]
 
@@ -68,15 +68,10 @@ def ring_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix:
     block as it arrives; the blocks merge by online softmax. Only where ``lse_attention_available``."""
     b, _, h, d = k.shape
     kv, _, _ = _image_kv(k, v, prefix)
-    pending = band.start_peer_exchange(kv, [(b, int(s), kv.shape[-1]) for s in sizes], kind="kv")
-    qh = q.transpose(1, 2)
-    parts = [attention_lse(qh, k.transpose(1, 2), v.transpose(1, 2))]
-    for j in range(band.size):
-        if j == band.index:
-            continue
-        kv_j = pending.wait(j).view(b, -1, 2 * h, d)
-        parts.append(attention_lse(qh, kv_j[:, :, :h].transpose(1, 2), kv_j[:, :, h:].transpose(1, 2)))
-    return merge_partials(parts).transpose(1, 2)
+    out = ring_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kv, band,
+                         [(b, int(s), kv.shape[-1]) for s in sizes],
+                         lambda kv_j: tuple(t.transpose(1, 2) for t in kv_j.view(b, -1, 2 * h, d).split(h, dim=2)))
+    return out.transpose(1, 2)
 
 
 def ulysses_attention(attend: Attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int,

@@ -104,14 +104,19 @@ def summarize(trace: dict[str, Any]) -> dict[str, Any]:
     steps: dict[int, dict[str, Any]] = {}
     kinds: dict[str, dict[str, Any]] = {}
     layers: dict[str, float] = {}
+    def row(step: int) -> dict[str, Any]:
+        if step not in steps:
+            steps[step] = {"step": step, "compute_s": 0.0, "wait_s": 0.0, "hidden_s": 0.0, "blocking": 0,
+                           "background": 0, "sent": 0}
+        return steps[step]
+
     for ev in trace.get("events", []):
-        st = steps.setdefault(ev.get("step", -1), {"step": ev.get("step", -1), "compute_s": 0.0, "wait_s": 0.0,
-                                                   "blocking": 0, "background": 0, "sent": 0})
+        st = row(ev.get("step", -1))
         st["compute_s"] += ev["compute_s"]
         st["wait_s"] += ev["wait_s"]
         st["blocking" if ev["blocking"] else "background"] += 1
         st["sent"] += ev["sent"]
-        st["hidden_s"] = st.get("hidden_s", 0.0) + ev.get("in_flight_s", 0.0)
+        st["hidden_s"] += ev.get("in_flight_s", 0.0)
         k = kinds.setdefault(ev["kind"], {"count": 0, "blocking": 0, "sent": 0, "wait_s": 0.0})
         k["count"] += 1
         k["blocking"] += int(ev["blocking"])
@@ -120,13 +125,10 @@ def summarize(trace: dict[str, Any]) -> dict[str, Any]:
         if ev["layer"]:
             layers[ev["layer"]] = layers.get(ev["layer"], 0.0) + ev["wait_s"]
     for call in trace.get("calls", []):
-        st = steps.setdefault(call["step"], {"step": call["step"], "compute_s": 0.0, "wait_s": 0.0,
-                                             "blocking": 0, "background": 0, "sent": 0})
-        st["compute_s"] += call["tail_s"]
+        row(call["step"])["compute_s"] += call["tail_s"]
     rows = [steps[k] for k in sorted(steps)]
     for r in rows:
-        r["compute_s"], r["wait_s"] = round(r["compute_s"], 4), round(r["wait_s"], 4)
-        r["hidden_s"] = round(r.get("hidden_s", 0.0), 4)
+        r["compute_s"], r["wait_s"], r["hidden_s"] = (round(r[k], 4) for k in ("compute_s", "wait_s", "hidden_s"))
     for k in kinds.values():
         k["wait_s"] = round(k["wait_s"], 4)
     top = sorted(layers.items(), key=lambda kv: -kv[1])[:5]
