@@ -259,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
                 options.update(native_resolution=shapes_model.NATIVE_PX)
                 patched = asg.HiResParallelStructureGuidedHiRes.execute(model, **options).result[0]
                 timed(("structure guidance", scale), lambda: guided(patched, seed_noise(side), empty, full_sigmas()))
+                # Its paired reference: a native run from the key view's own noise (the strided view it carries
+                # to the size). The seed's 1x image starts from other noise, so it is another composition.
+                key_noise = seed_noise(side)[..., ::scale, ::scale].contiguous()
+                timed(("native from key view", scale), lambda: guided(model, key_noise, torch.zeros_like(key_noise),
+                                                                       full_sigmas()))
                 asg_status = "included (hires_parallel.nodes.asg, node defaults, native 256)"
             except Exception as e:  # noqa: BLE001
                 asg_status = f"failed: {type(e).__name__}: {e}"
@@ -280,10 +285,15 @@ def main(argv: list[str] | None = None) -> int:
     # ------------------------------------------------------------------ metrics
     images = {key: vae.decode(run["latents"]).clamp(0, 1) for key, run in runs.items()}
     texture = {key: [metrics.background_texture(imgs[i]) for i in range(n)] for key, imgs in images.items()}
+    data_texture = {scale: data_background_texture(vae, native * scale * shapes_model.LATENT_RATIO)
+                    for scale in scales}
+    seam_period = shapes_model.NATIVE_PX // 2  # stage-2 windows of structure guidance step by half the native side
 
     def rounded(v: float | None, digits: int = 4) -> float | None:  # NaN (no background) -> null in the JSON
         return None if v is None or not math.isfinite(v) else float(f"{v:.{digits}g}")
 
+    native_size = (statistics.fmean(metrics.subject_size(images[("plain", 1)][i], colors[i]) for i in range(n))
+                   if ("plain", 1) in images else None)
     rows, per_image = [], []
     for (method, scale), run in runs.items():
         imgs = images[(method, scale)]
@@ -291,16 +301,28 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [metrics.subject_size(imgs[i], colors[i]) for i in range(n)]
         tex = texture[(method, scale)]
         native_tex, plain_tex = texture.get(("plain", 1)), texture.get(("plain", scale))
+        if ("plain", scale) in images and images[("plain", scale)].shape != imgs.shape:
+            plain_tex = None  # a native-size reference row: plain at the size is another canvas
         vs_1x = [ratio(tex[i], native_tex[i]) if native_tex else None for i in range(n)]
         vs_plain = [ratio(tex[i], plain_tex[i]) if plain_tex else None for i in range(n)]
         finite_tex = [t for t in tex if math.isfinite(t)]
+        seams = [metrics.seam_score(imgs[i], seam_period) for i in range(n)] if imgs.shape[1] > seam_period else []
+        median_tex = statistics.median(finite_tex) if finite_tex else None
+        data_tex = data_texture.get(scale) if imgs.shape[1] > native * shapes_model.LATENT_RATIO else data_texture.get(1)
         row = {"method": method, "scale": scale, "pixels": int(imgs.shape[1]), "images": n,
                "mean_count": round(statistics.fmean(counts), 3), "exactly_one": round(counts.count(1) / n, 3),
                "mean_size": round(statistics.fmean(sizes), 4),
-               "bg_texture": rounded(statistics.median(finite_tex)) if finite_tex else None,
+               "size_vs_1x": rounded(ratio(statistics.fmean(sizes), native_size)),
+               "seam_max": rounded(max(seams)) if seams else None,
+               "bg_texture": rounded(median_tex),
                "bg_texture_vs_1x": rounded(geometric_mean(vs_1x)),
                "bg_texture_vs_plain": rounded(geometric_mean(vs_plain)),
+               "bg_texture_vs_data": rounded(ratio(median_tex, data_tex)) if median_tex and data_tex else None,
                "s_per_image": round(run["seconds"] / n, 2), "psnr_min_db": None, "max_error": None}
+        if method == "structure guidance" and ("native from key view", scale) in runs:
+            ref = images[("native from key view", scale)]
+            ref_sizes = [metrics.subject_size(ref[i], colors[i]) for i in range(n)]
+            row["size_vs_native_same_noise"] = rounded(ratio(statistics.fmean(sizes), statistics.fmean(ref_sizes)))
         if run["reference"] is not None:
             fids = [metrics.fidelity(imgs[i], images[run["reference"]][i]) for i in range(n)]
             worst = min(f["psnr"] for f in fids)
@@ -311,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         per_image += [{"method": method, "scale": scale, "seed": s, "prompt": prompts[i], "count": counts[i],
                        "size": round(sizes[i], 4), "bg_texture": rounded(tex[i]), "bg_texture_vs_1x": rounded(vs_1x[i]),
                        "bg_texture_vs_plain": rounded(vs_plain[i])} for i, s in enumerate(seeds)]
-    order = {"plain": 0, "deep shrink": 1, "relay": 2, "structure guidance": 3}
+    order = {"plain": 0, "deep shrink": 1, "relay": 2, "structure guidance": 3, "native from key view": 4}
     rows.sort(key=lambda r: (order.get(r["method"], 4), r["method"], r["scale"]))
 
     print(f"\nrepetition: {n} seeds x {len(scales)} scales; {args.sampler}/{args.scheduler}, cfg {args.cfg}, "
@@ -324,8 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bg tex: mean squared Laplacian of the background (metrics.background_texture, margin "
           f"{metrics.EDGE_MARGIN} px), median over seeds; vs 1x / vs plain: geometric mean over seeds of the ratio "
           "to the same seed's plain 1x / plain image at that size")
-    print(f"{'method':28s} {'scale':>5s} {'count':>6s} {'one':>5s} {'size':>6s} {'bg tex':>8s} {'vs 1x':>6s} "
-          f"{'vs plain':>8s} {'PSNR min':>9s} {'max err':>8s} {'s/img':>6s}")
+    print("size/1x: mean subject share over the plain 1x images' (structure guidance also against native runs "
+          "from its key view's noise: 'same noise'); seam: largest metrics.seam_score over seeds on the "
+          f"{seam_period} px grid (1 = no seam); vs data: bg tex over the data set's own backgrounds at that size")
+    print(f"{'method':28s} {'scale':>5s} {'count':>6s} {'one':>5s} {'size':>6s} {'size/1x':>7s} {'seam':>5s} "
+          f"{'bg tex':>8s} {'vs 1x':>6s} {'vs plain':>8s} {'vs data':>7s} {'PSNR min':>9s} {'max err':>8s} {'s/img':>6s}")
 
     def shown(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
@@ -334,8 +359,13 @@ def main(argv: list[str] | None = None) -> int:
         psnr = "-" if r["psnr_min_db"] is None else str(r["psnr_min_db"])
         err = "-" if r["max_error"] is None else f"{r['max_error']:.1e}"
         print(f"{r['method']:28s} {r['scale']:4d}x {r['mean_count']:6.2f} {r['exactly_one']:5.0%} {r['mean_size']:6.1%} "
+              f"{shown(r['size_vs_1x'], '.2f'):>7s} {shown(r['seam_max'], '.2f'):>5s} "
               f"{shown(r['bg_texture'], '.2e'):>8s} {shown(r['bg_texture_vs_1x'], '.2f'):>6s} "
-              f"{shown(r['bg_texture_vs_plain'], '.2f'):>8s} {psnr:>9s} {err:>8s} {r['s_per_image']:6.2f}")
+              f"{shown(r['bg_texture_vs_plain'], '.2f'):>8s} {shown(r['bg_texture_vs_data'], '.2f'):>7s} "
+              f"{psnr:>9s} {err:>8s} {r['s_per_image']:6.2f}")
+        if "size_vs_native_same_noise" in r:
+            print(f"{'':28s} {'':5s} size / native runs from the key view's noise: "
+                  f"{shown(r['size_vs_native_same_noise'], '.3f')}")
 
     model_json = pathlib.Path(shapes_model.MODEL_PATH if not args.model else args.model).with_suffix(".json")
     trained = json.loads(model_json.read_text()) if model_json.is_file() else {}
@@ -361,7 +391,12 @@ def main(argv: list[str] | None = None) -> int:
                                      "edge_margin_px": metrics.EDGE_MARGIN,
                                      "row_value": "median over seeds (images without background left out)",
                                      "ratios": "geometric mean over seeds of per-seed ratios; vs_1x: plain at 1x, "
-                                               "vs_plain: plain at the same scale"}}},
+                                               "vs_plain: plain at the same scale; vs_data: row median over the "
+                                               "median of DATA_TEXTURE_SAMPLES data-set images rendered at the "
+                                               "row's size and passed through the latent map",
+                                     "data_at_size": {str(k): rounded(v) for k, v in data_texture.items()}},
+                                 "seam": {"statistic": "metrics.seam_score", "period_px": seam_period,
+                                          "row_value": "largest over seeds"}}},
         "structure_guidance": asg_status,
         "machine": machine(threads=torch.get_num_threads()),
         "rows": rows, "per_image": per_image,
@@ -373,6 +408,25 @@ def main(argv: list[str] | None = None) -> int:
         write_grid(pathlib.Path(args.grid), images, grid_rows, scales, min(args.grid_seeds, n), prompts, args.cell)
         print(f"wrote {args.grid}")
     return 0
+
+
+DATA_TEXTURE_SAMPLES = 24
+
+
+def data_background_texture(vae, side: int) -> float:
+    """Median background texture of data-set images (seed 0, from index 10000: not the training batches' order)
+    rendered at ``side`` pixels and passed through the latent map: what a clean image of this world holds at
+    that size (a 1x model image holds more: the sampler's leftover grain)."""
+    import shapes_data
+
+    import metrics
+
+    values = []
+    for i in range(DATA_TEXTURE_SAMPLES):
+        image = shapes_data.make_sample(0, 10_000 + i, side).image[None]
+        values.append(metrics.background_texture(vae.decode(vae.encode(image)).clamp(0, 1)[0]))
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.median(finite) if finite else math.nan
 
 
 def write_grid(path: pathlib.Path, images: dict, methods: list[str], scales: list[int], shown: int, prompts: list[str],

@@ -22,6 +22,11 @@
   borders change; bilinear: less still), and so does any smooth background (flat or a linear gradient: 0).
   A 1x image and its 3x counterpart with equally fine-grained backgrounds score alike; a 3x background
   made of enlarged 1x-sized blotches scores lower.
+* ``seam_score(image, period)``: how much sharper the image changes across the lines at multiples of
+  ``period`` pixels (where tiled or windowed methods put their window borders) than across lines in
+  general: per direction, the mean squared step between neighbouring pixel rows (columns) on those lines
+  over the same mean on every line, the larger of the two directions. About 1 without seams (and for any
+  image whose content does not line up with that grid); a hard seam on the grid scores far above 1.
 
 Images: (H, W, 3) or (1, H, W, 3), float in [0, 1] or uint8, torch or numpy.
 """
@@ -35,7 +40,7 @@ from scipy import ndimage
 from shapes_data import COLORS
 
 __all__ = ["EDGE_MARGIN", "MIN_FRACTION", "SATURATION", "background_mask", "background_texture", "fidelity",
-           "hue_degrees", "subject_count", "subject_mask", "subject_regions", "subject_size"]
+           "hue_degrees", "seam_score", "subject_count", "subject_mask", "subject_regions", "subject_size"]
 
 SATURATION = 0.3  # max - min of RGB in [0, 1]; data-set backgrounds stay below 0.1, subjects above 0.55
 MIN_FRACTION = 0.002  # smallest component counted, as a fraction of the canvas (131 pixels at 256x256)
@@ -156,3 +161,18 @@ def background_texture(image, margin: int = EDGE_MARGIN, min_fraction: float = M
         return math.nan
     lap = np.stack([ndimage.convolve(a[..., c], _LAPLACE, mode="reflect") for c in range(3)], axis=-1)
     return float(np.mean(lap[keep] ** 2))
+
+
+def seam_score(image, period: int) -> float:
+    """Mean squared step across the grid lines at multiples of ``period`` pixels (inner lines only) over the
+    mean squared step across all lines, per direction; the larger direction. NaN without an inner grid line."""
+    if period < 2:
+        raise ValueError(f"period must be at least 2 pixels; got {period}")
+    a = _as_array(image)
+    ratios = []
+    for axis in (0, 1):
+        steps = np.mean(np.diff(a, axis=axis) ** 2, axis=(1 - axis, 2))  # step k: between lines k and k + 1
+        lines = np.arange(period, a.shape[axis], period) - 1  # the step that crosses onto line m * period
+        if lines.size and steps.mean() > 0:
+            ratios.append(float(steps[lines].mean() / steps.mean()))
+    return max(ratios) if ratios else math.nan

@@ -14,6 +14,8 @@ the end; running the same command again resumes from it. ``--minutes`` bounds th
 (all runs together); the model is saved when the step budget or the time bound is reached.
 
     nice -n 10 python tools/train_shapes_model.py                 # about 36 min on 2 idle cores
+    python tools/train_shapes_model.py --init-from models/hires_shapes.safetensors --steps 1000 --lr 3e-4 \
+        --out /tmp/longer.safetensors                            # a second phase: train the saved model longer
     python tools/train_shapes_model.py --steps 3 --batch 2 --out /tmp/m.safetensors   # smoke
 """
 from __future__ import annotations
@@ -50,6 +52,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads; 0: auto, all cores while the machine is otherwise idle, else 1")
+    ap.add_argument("--layout-bias", type=float, default=1.0,
+                    help="timesteps drawn as 1000 * u^(1/B): 1 = uniform, 2 = density growing linearly with the "
+                         "noise level (more of the steps where the layout is decided)")
+    ap.add_argument("--init-from", default="",
+                    help="start from a saved shapes model's weights (a second training phase with its own "
+                         "warm-up and cosine schedule; the text encoder and config are taken from that file)")
     ap.add_argument("--checkpoint-minutes", type=float, default=3.0)
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     ap.add_argument("--log-every", type=int, default=50)
@@ -114,7 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     clip_cfg = dict(shapes_model.DEFAULT_CLIP)
     run_cfg = {"unet": unet_cfg, "clip": clip_cfg, "latent": args.latent, "batch": args.batch, "lr": args.lr,
                "warmup": args.warmup, "steps": args.steps, "ema": args.ema, "seed": args.seed,
-               "min_snr": args.min_snr, "cond_dropout": COND_DROPOUT, "script_version": SCRIPT_VERSION}
+               "min_snr": args.min_snr, "cond_dropout": COND_DROPOUT, "script_version": SCRIPT_VERSION,
+               "init_from": pathlib.Path(args.init_from).name if args.init_from else "",
+               "layout_bias": args.layout_bias}
+    base_report = None
+    if args.init_from:  # the earlier phase's record travels into this model's JSON
+        earlier = pathlib.Path(args.init_from)
+        if shapes_model.read_config(earlier)["unet"] != unet_cfg:
+            raise SystemExit(f"--init-from {earlier}: its UNet config differs from --channels / --res-blocks")
+        record = earlier.with_suffix(".json")
+        base_report = json.loads(record.read_text()) if record.is_file() else {"model": earlier.name}
 
     # Frozen, seeded text encoder, rounded to fp16 first: the saved file gives exactly these conditionings.
     clip = shapes_model.build_clip(clip_cfg)
@@ -126,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         for p in clip.cond_stage_model.parameters():
             if p.is_floating_point() and p.ndim > 0:
                 p.copy_(p.half().float())
+    if args.init_from:  # the same seeded encoder; taken from the file so the conditionings match it exactly
+        from safetensors.torch import load_file
+
+        saved = load_file(args.init_from)
+        clip_sd = {k[len(shapes_model.CLIP_PREFIX):]: v.float() if v.is_floating_point() else v
+                   for k, v in saved.items() if k.startswith(shapes_model.CLIP_PREFIX)}
+        clip.cond_stage_model.load_state_dict(clip_sd, strict=False)
     prompts = [shapes_data.prompt_for(c, s) for c in shapes_data.COLORS for s in shapes_data.SHAPES]
     conds = {p: clip.encode_from_tokens_scheduled(clip.tokenize(p))[0][0].float() for p in prompts + [""]}
     empty = conds[""]
@@ -133,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     base = shapes_model.build_unet(unet_cfg)
     unet = base.diffusion_model
     init_unet_(unet, args.seed)
+    if args.init_from:
+        from safetensors.torch import load_file
+
+        unet.load_state_dict({k[len(shapes_model.UNET_PREFIX):]: v.float() for k, v in saved.items()
+                              if k.startswith(shapes_model.UNET_PREFIX)}, strict=True)
     unet.train().requires_grad_(True)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
@@ -188,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
             x0 = fmt.process_in(latent_map.encode(images.permute(0, 3, 1, 2) * 2.0 - 1.0))
         drop = torch.rand(args.batch, generator=g) < COND_DROPOUT
         context = torch.cat([empty if d else conds[p] for p, d in zip(batch_prompts, drop.tolist())])
-        t = torch.randint(0, alphas_cumprod.shape[0], (args.batch,), generator=g)
+        if args.layout_bias == 1.0:
+            t = torch.randint(0, alphas_cumprod.shape[0], (args.batch,), generator=g)
+        else:
+            u = torch.rand(args.batch, generator=g) ** (1.0 / args.layout_bias)
+            t = (u * alphas_cumprod.shape[0]).long().clamp_(max=alphas_cumprod.shape[0] - 1)
         eps = torch.randn(x0.shape, generator=g)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps  # VP form of ComfyUI's x0 + sigma * eps, scaled by its c_in
@@ -252,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", "tools/train_shapes_model.py"] + (argv if argv is not None else sys.argv[1:])),
         "runs": runs + ([] if args.export else [this_run()]),
     }
+    if base_report is not None:  # a second phase: say what it started from, and the whole budget
+        report["init_from"] = base_report.get("model")
+        report["earlier_phase"] = {k: base_report.get(k) for k in (
+            "steps_done", "batch", "lr", "wall_minutes", "loss_final", "command", "earlier_phase")}
+        report["total_steps"] = step + int(base_report.get("total_steps") or base_report.get("steps_done") or 0)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) after {step} steps, {spent / 60:.1f} min; "
           f"final loss {report['loss_final']}", flush=True)

@@ -90,6 +90,28 @@ def test_the_file_loads_into_a_real_model_that_samples(trained):
     assert image.shape == (1, 128, 128, 3)
 
 
+def test_a_second_phase_starts_from_a_saved_model_and_records_it(trained, tmp_path):
+    """--init-from: the UNet and text encoder start as the saved file's (zero learning rate keeps them), the
+    report carries the earlier phase; --layout-bias only changes which timesteps are drawn."""
+    from safetensors.torch import load_file
+
+    start = trained["straight"]
+    kept = tmp_path / "kept.safetensors"
+    train(kept, "--init-from", str(start), "--lr", "0", "--steps", "2")
+    a, b = load_file(str(start)), load_file(str(kept))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads(kept.with_suffix(".json").read_text())
+    assert report["init_from"] == start.name and report["earlier_phase"]["steps_done"] == 4
+    assert report["total_steps"] == 6 and report["steps_done"] == 2
+    moved = tmp_path / "moved.safetensors"
+    train(moved, "--init-from", str(start), "--steps", "2", "--layout-bias", "2")
+    c = load_file(str(moved))
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("model.diffusion_model."))
+    assert all(torch.equal(a[k], c[k]) for k in a if k.startswith("cond_stage_model."))  # the encoder stays frozen
+    with pytest.raises(AssertionError):  # another UNet size than the file's is refused
+        train(tmp_path / "bad.safetensors", "--init-from", str(start), "--channels", "64")
+
+
 def test_missing_file_says_how_to_train(tmp_path):
     import shapes_model
 

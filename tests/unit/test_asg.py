@@ -142,6 +142,24 @@ def test_an_images_shuffles_are_shared_by_its_branches_and_independent_of_the_ba
     torch.testing.assert_close(out[1:2], alone)
 
 
+def test_pixel_interaction_leaves_the_key_view_its_own_pixels():
+    """The key view follows one denoising path: its input is always view 0's own latent (shuffled with the
+    others, it saw a new mix of the views' noise every step and its subject shrank), while views 1.. are
+    still mixed among themselves at every location."""
+    perm = step_permutations([0, 1], 9, 6, 6, seed=5, step=1)
+    assert torch.equal(perm[:, 0], torch.zeros_like(perm[:, 0]))
+    assert torch.equal(perm.sort(dim=1).values, torch.arange(9).reshape(1, 9, 1, 1).expand_as(perm))
+    assert bool((perm[:, 1:] != torch.arange(1, 9).reshape(1, 8, 1, 1)).any())  # the rest really are mixed
+    x = torch.randn(1, 4, 24, 24, generator=_gen(21))
+    plan = ASGPlan(8, 8, guidance=0.0, pixel_interaction=True, use_mask=False, seed=5)
+    out = asg_denoise(x, torch.tensor([4.0]), _toy_denoise(), plan, step=1, total=4)
+    alone = _toy_denoise()(scatter_views(x, 3, 3)[:, 0], torch.tensor([4.0]), [])
+    torch.testing.assert_close(scatter_views(out, 3, 3)[:, 0], alone)
+    # the primitive without keep_key shuffles view 0 too
+    free = interaction_permutation(1, 9, 6, 6, _gen(22))
+    assert bool((free[:, 0] != 0).any())
+
+
 def test_with_pixel_interaction_the_key_is_one_coherent_model_output():
     """w = 1: every location takes the prediction of model slot 0 (one whole image), not a per-pixel
     patchwork of all slots (what un-shuffling before guidance would give: grain)."""

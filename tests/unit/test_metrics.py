@@ -199,3 +199,23 @@ def test_background_mask_leaves_out_subjects_their_margin_and_the_border():
     assert math.isnan(metrics.background_texture(full))  # no background at all
     with pytest.raises(ValueError):
         metrics.background_mask(img, margin=-1)
+
+
+def test_seam_score_is_near_one_without_seams_and_high_on_a_window_grid():
+    rng = np.random.default_rng(3)
+    smooth = np.clip(0.5 + 0.1 * rng.standard_normal((512, 512, 3)), 0, 1)
+    assert 0.8 < metrics.seam_score(smooth, 128) < 1.25
+    # the same image with every 128 x 128 tile shifted in brightness: hard seams on the grid
+    tiles = smooth.copy()
+    for i in range(4):
+        for j in range(4):
+            tiles[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] += 0.15 * ((i + j) % 2 - 0.5)
+    assert metrics.seam_score(np.clip(tiles, 0, 1), 128) > 1.8  # step 0.15 on noise of step variance 0.02: 2.1
+    # seams on another grid do not score on this one; rows only (one direction) still score
+    assert metrics.seam_score(np.clip(tiles, 0, 1), 96) < 1.5
+    rows = smooth.copy()
+    rows[256:] += 0.2
+    assert metrics.seam_score(np.clip(rows, 0, 1), 128) > 1.4  # one of the three row lines: 1.7
+    assert math.isnan(metrics.seam_score(smooth[:100, :100], 128))
+    with pytest.raises(ValueError):
+        metrics.seam_score(smooth, 1)
