@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--scales", default="1,2,3")
     ap.add_argument("--steps", type=int, default=20, help="steps of plain / deep shrink / structure guidance")
     ap.add_argument("--relay-steps", type=int, default=12, help="steps after the relay point")
+    ap.add_argument("--relay-block", type=int, default=4, help="relay block-noise block size (latent pixels)")
+    ap.add_argument("--relay-strength", type=float, default=0.3, help="relay block-noise strength")
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--sampler", default="euler")
     ap.add_argument("--scheduler", default="karras")
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                               full_sigmas())
         z_up = relay_upscale(low, float(scale), "nearest (latent)")
         sigmas = relay_sigmas(model, args.scheduler, args.relay_steps, "timestep", RELAY_TIMESTEP.get(scale, 600.0))
-        noise = torch.cat([relay_noise((1, *z_up.shape[1:]), s, 4, 0.3) for s in seeds])
+        noise = torch.cat([relay_noise((1, *z_up.shape[1:]), s, args.relay_block, args.relay_strength) for s in seeds])
         relay_inputs[scale] = (noise, z_up, sigmas)
         timed(("relay", scale), lambda: guided(model, noise, z_up, sigmas))
         if asg is not None and not asg_status.startswith("failed"):
@@ -306,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         vs_1x = [ratio(tex[i], native_tex[i]) if native_tex else None for i in range(n)]
         vs_plain = [ratio(tex[i], plain_tex[i]) if plain_tex else None for i in range(n)]
         finite_tex = [t for t in tex if math.isfinite(t)]
-        seams = [metrics.seam_score(imgs[i], seam_period) for i in range(n)] if imgs.shape[1] > seam_period else []
+        seams = [metrics.seam_score(imgs[i], seam_period, metrics.background_mask(imgs[i])) for i in range(n)]
+        seams = [v for v in seams if math.isfinite(v)]
         median_tex = statistics.median(finite_tex) if finite_tex else None
         data_tex = data_texture.get(scale) if imgs.shape[1] > native * shapes_model.LATENT_RATIO else data_texture.get(1)
         row = {"method": method, "scale": scale, "pixels": int(imgs.shape[1]), "images": n,
@@ -343,12 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"seeds ({kind}): {seeds[0]}..{seeds[-1]}{offset}")
     print(f"prompts ({kind}): {prompt_source}: " + ", ".join(dict.fromkeys(prompts)))
     print("structure guidance: " + asg_status)
+    print(f"relay: nearest latent upscale, block noise {args.relay_block} / {args.relay_strength}, timestep "
+          + ", ".join(f"{v:g} at {k}x" for k, v in RELAY_TIMESTEP.items()))
     print(f"bg tex: mean squared Laplacian of the background (metrics.background_texture, margin "
           f"{metrics.EDGE_MARGIN} px), median over seeds; vs 1x / vs plain: geometric mean over seeds of the ratio "
           "to the same seed's plain 1x / plain image at that size")
     print("size/1x: mean subject share over the plain 1x images' (structure guidance also against native runs "
           "from its key view's noise: 'same noise'); seam: largest metrics.seam_score over seeds on the "
-          f"{seam_period} px grid (1 = no seam); vs data: bg tex over the data set's own backgrounds at that size")
+          f"{seam_period} px grid, background only (1 = no seam); vs data: bg tex over the data set's own backgrounds at that size")
     print(f"{'method':28s} {'scale':>5s} {'count':>6s} {'one':>5s} {'size':>6s} {'size/1x':>7s} {'seam':>5s} "
           f"{'bg tex':>8s} {'vs 1x':>6s} {'vs plain':>8s} {'vs data':>7s} {'PSNR min':>9s} {'max err':>8s} {'s/img':>6s}")
 
@@ -380,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
                      "cfg": args.cfg, "sampler": args.sampler, "scheduler": args.scheduler,
                      "deep_shrink": {"block_number": DEEP_SHRINK_BLOCK, "downscale_factor": "scale",
                                      "start_percent": 0.0, "end_percent": 0.35},
-                     "relay": {"upscale": "nearest (latent)", "block_size": 4, "strength": 0.3},
+                     "relay": {"upscale": "nearest (latent)", "block_size": args.relay_block,
+                               "strength": args.relay_strength},
                      "parallel": {"devices": 2, "device_kind": "cpu", "modes": modes},
                      "metrics": {"saturation": metrics.SATURATION, "min_fraction": metrics.MIN_FRACTION,
                                  "background_texture": {
@@ -395,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                                                "median of DATA_TEXTURE_SAMPLES data-set images rendered at the "
                                                "row's size and passed through the latent map",
                                      "data_at_size": {str(k): rounded(v) for k, v in data_texture.items()}},
-                                 "seam": {"statistic": "metrics.seam_score", "period_px": seam_period,
-                                          "row_value": "largest over seeds"}}},
+                                 "seam": {"statistic": "metrics.seam_score on the background (metrics.background_mask)",
+                                          "period_px": seam_period, "row_value": "largest over seeds"}}},
         "structure_guidance": asg_status,
         "machine": machine(threads=torch.get_num_threads()),
         "rows": rows, "per_image": per_image,

@@ -163,16 +163,25 @@ def background_texture(image, margin: int = EDGE_MARGIN, min_fraction: float = M
     return float(np.mean(lap[keep] ** 2))
 
 
-def seam_score(image, period: int) -> float:
+def seam_score(image, period: int, mask=None) -> float:
     """Mean squared step across the grid lines at multiples of ``period`` pixels (inner lines only) over the
-    mean squared step across all lines, per direction; the larger direction. NaN without an inner grid line."""
+    mean squared step across all lines, per direction; the larger direction. ``mask`` (H, W) bool: only steps
+    between two pixels of the mask count (the background, say: a subject's edge that happens to lie on a grid
+    line is not a seam). NaN without an inner grid line (or no masked step on one)."""
     if period < 2:
         raise ValueError(f"period must be at least 2 pixels; got {period}")
     a = _as_array(image)
+    keep = np.ones(a.shape[:2], dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
     ratios = []
     for axis in (0, 1):
-        steps = np.mean(np.diff(a, axis=axis) ** 2, axis=(1 - axis, 2))  # step k: between lines k and k + 1
+        steps = np.sum(np.diff(a, axis=axis) ** 2, axis=2)  # step k: between lines k and k + 1
+        valid = keep[:-1] & keep[1:] if axis == 0 else keep[:, :-1] & keep[:, 1:]
+        if axis == 1:
+            steps, valid = steps.T, valid.T
         lines = np.arange(period, a.shape[axis], period) - 1  # the step that crosses onto line m * period
-        if lines.size and steps.mean() > 0:
-            ratios.append(float(steps[lines].mean() / steps.mean()))
+        on_grid = valid[lines].sum() if lines.size else 0
+        if on_grid and valid.sum():
+            overall = (steps * valid).sum() / valid.sum()
+            if overall > 0:
+                ratios.append(float((steps[lines] * valid[lines]).sum() / on_grid / overall))
     return max(ratios) if ratios else math.nan

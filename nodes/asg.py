@@ -432,7 +432,8 @@ class HiResParallelStructureGuidedHiRes(io.ComfyNode):
                                        "more semantic) or every decoder level."),
                 io.Boolean.Input("pixel_interaction", default=True,
                                  tooltip="Shuffle each location's pixels across the views before every structure step "
-                                         "and put them back after it (CutDiffusion), so views exchange information."),
+                                         "and put them back after it (CutDiffusion), so views exchange information. "
+                                         "The key view keeps its own pixels, so the layout is the one a native run from its noise draws."),
                 io.Boolean.Input("asynchronous", default=False,
                                  tooltip="Use the key view's prediction and mask from the previous step (ASGDiffusion's "
                                          "asynchronous mode): no view waits for the key view. Off = same step (exact)."),

@@ -12,7 +12,7 @@ import pickle
 import pytest
 import torch
 
-from support.float_noise import cfg_noise_tolerance
+from support.float_noise import cfg_noise_tolerance, next_float32, tolerance_from_runs
 from support.tiny_models import build_sdxl, make_conds
 
 NATIVE = 64  # pixels -> 8x8 latent
@@ -223,7 +223,13 @@ def test_parallel_batch_mode_equals_one_device_and_async_is_close(sd15, one_thre
 
     stale = _patch(sd15, view_batch=8, asynchronous=True)
     two_async = _parallel(stale, conds, 16, 16, cfg=CFG)
-    one_async, tol_async = cfg_noise_tolerance("asg async", lambda cfg: _sample(stale, conds, 16, 16, cfg=cfg), CFG)
+    # Its float noise: cfg one ulp up and down, and the batch cut as a rank cuts it (4 samples per model call,
+    # other GEMM shapes). The cfg reruns alone measured 26x less noise on this path than on the synchronous one,
+    # which the same split then exceeded by a hair (33x).
+    one_async = _sample(stale, conds, 16, 16, cfg=CFG)
+    tol_async = tolerance_from_runs("asg async", one_async, [
+        _sample(stale, conds, 16, 16, cfg=next_float32(CFG, +1)), _sample(stale, conds, 16, 16, cfg=next_float32(CFG, -1)),
+        _sample(_patch(sd15, view_batch=4, asynchronous=True), conds, 16, 16, cfg=CFG)])
     psnr = _psnr(two_async, one)
     print(f"[asg] asynchronous (one-step-stale key view and mask), 2 ranks vs synchronous: PSNR {psnr:.1f} dB "
           f"(latent space, peak max|ref|)")

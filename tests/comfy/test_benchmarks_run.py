@@ -107,6 +107,7 @@ def test_repetition_benchmark_counts_subjects_and_compares_parallel_modes(tmp_pa
                 ("parallel batch", 1), ("parallel batch", 2)}
     assert expected <= set(rows)
     assert (("structure guidance", 2) in rows) == result["structure_guidance"].startswith("included")
+    assert any(row["seam_max"] is not None for row in rows.values())
     if ("structure guidance", 2) in rows:  # with its paired reference: native runs from the key view's noise
         assert rows[("native from key view", 2)]["pixels"] == 256
         assert rows[("structure guidance", 2)]["size_vs_native_same_noise"] is not None
@@ -114,14 +115,15 @@ def test_repetition_benchmark_counts_subjects_and_compares_parallel_modes(tmp_pa
         native_row = method == "native from key view"
         assert row["images"] == 2 and row["pixels"] == 256 * (1 if native_row else scale) and row["mean_count"] >= 0
         assert 0.0 <= row["mean_size"] <= 1.0 and 0.0 <= row["exactly_one"] <= 1.0
+        if native_row:  # 3 steps from noise at 256 px: specks everywhere may leave no background to measure
+            continue
         assert row["bg_texture"] is not None and row["bg_texture"] >= 0.0, row
         assert row["bg_texture_vs_1x"] is not None and row["bg_texture_vs_1x"] > 0, row
         assert row["bg_texture_vs_data"] is not None and row["bg_texture_vs_data"] > 0, row
-        assert (row["seam_max"] is not None) == (row["pixels"] > 128), row  # a 128 px grid inside 512 px
-        if row["mean_size"] > 0:
-            assert abs(row["size_vs_1x"] - row["mean_size"] / rows[("plain", 1)]["mean_size"]) < 0.01, row
-        if native_row:
-            continue
+        assert row["seam_max"] is None or row["seam_max"] > 0, row  # None: no background pixel on a grid line
+        native_size = rows[("plain", 1)]["mean_size"]
+        if native_size > 0.01:  # the ratio of the rounded shares, up to their rounding
+            assert row["size_vs_1x"] == pytest.approx(row["mean_size"] / native_size, rel=0.02, abs=1e-3), row
         assert row["bg_texture_vs_plain"] is not None and row["bg_texture_vs_plain"] > 0, row
         if method.startswith("parallel"):
             assert row["psnr_min_db"] == "inf" or row["psnr_min_db"] > 60, row  # float rounding only

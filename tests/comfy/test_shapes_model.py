@@ -117,3 +117,55 @@ def test_structure_guidance_keeps_one_subject_at_2x_where_plain_sampling_repeats
     assert sum(counts["plain"]) > len(cases)  # the failure the method is for really happens here
     assert counts["guided"] == [1] * len(cases) and counts["async"] == [1] * len(cases)
     assert min(psnrs) > 18.0
+
+
+def test_structure_guidance_carries_its_key_views_native_composition(shapes, monkeypatch):
+    """At 2x the image carries the composition of its key view (a strided sample of the noise): per image,
+    the subject keeps the size a native run from that noise gives it (mean |log ratio| 0.07 on seeds 0-7),
+    with the same subject count. With the key view shuffled like the other views (CutDiffusion's pixel
+    interaction), the layout followed no native run (0.28 on the same seeds) and this check fails: asserted
+    below, so the check can tell the two apart."""
+    import math
+
+    import comfy.sample
+    import comfy.samplers
+    import nodes
+
+    import bench_repetition
+    import metrics
+    from hires_parallel.algorithms import asg as asg_algorithms
+    from hires_parallel.nodes.asg import patch_model
+
+    model, clip, vae = shapes
+    seeds, prompts, colors, _ = bench_repetition.seeds_and_prompts(8, 0, "")
+    encoded = [nodes.CLIPTextEncode().encode(clip, p)[0][0] for p in prompts]
+    positive = [[torch.cat([c for c, _ in encoded]), {"pooled_output": torch.cat([d["pooled_output"] for _, d in encoded])}]]
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 16).cpu()
+    noise = torch.cat([comfy.sample.prepare_noise(torch.zeros(1, 4, 64, 64), s) for s in seeds])
+
+    def sample(m, x):
+        guider = comfy.samplers.CFGGuider(m)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(5.0)
+        out = guider.sample(x, torch.zeros_like(x), comfy.samplers.sampler_object("euler"), sigmas, disable_pbar=True,
+                            seed=0)
+        images = vae.decode(out).clamp(0, 1)
+        return ([metrics.subject_size(images[i], c) for i, c in enumerate(colors)],
+                [metrics.subject_count(images[i], c) for i, c in enumerate(colors)])
+
+    def drift(sizes, reference):  # mean |log| of the per-image size ratio (1e-3: an image without its subject)
+        return sum(abs(math.log((a + 1e-3) / (b + 1e-3))) for a, b in zip(sizes, reference)) / len(sizes)
+
+    native_sizes, native_counts = sample(model, noise[..., ::2, ::2].contiguous())
+    sizes, counts = sample(patch_model(model, native_resolution_px=256), noise)
+    kept = drift(sizes, native_sizes)
+    print(f"structure guidance 2x against native runs from the key view's noise: drift {kept:.3f}, "
+          f"size {sum(sizes) / sum(native_sizes):.3f}, counts {counts} / {native_counts}")
+    assert counts == native_counts and kept < 0.15, (sizes, native_sizes)
+
+    keep = asg_algorithms.interaction_permutation
+    monkeypatch.setattr(asg_algorithms, "interaction_permutation", lambda *a, keep_key=False: keep(*a, keep_key=False))
+    shuffled = drift(sample(patch_model(model, native_resolution_px=256), noise)[0], native_sizes)
+    print(f"with the key view shuffled too: drift {shuffled:.3f}")
+    assert shuffled > 0.15 > kept

@@ -144,8 +144,8 @@ def test_an_images_shuffles_are_shared_by_its_branches_and_independent_of_the_ba
 
 def test_pixel_interaction_leaves_the_key_view_its_own_pixels():
     """The key view follows one denoising path: its input is always view 0's own latent (shuffled with the
-    others, it saw a new mix of the views' noise every step and its subject shrank), while views 1.. are
-    still mixed among themselves at every location."""
+    others, it saw a new mix of the views' noise every step and the layout followed no native run), while
+    views 1.. are still mixed among themselves at every location."""
     perm = step_permutations([0, 1], 9, 6, 6, seed=5, step=1)
     assert torch.equal(perm[:, 0], torch.zeros_like(perm[:, 0]))
     assert torch.equal(perm.sort(dim=1).values, torch.arange(9).reshape(1, 9, 1, 1).expand_as(perm))

@@ -216,6 +216,14 @@ def test_seam_score_is_near_one_without_seams_and_high_on_a_window_grid():
     rows = smooth.copy()
     rows[256:] += 0.2
     assert metrics.seam_score(np.clip(rows, 0, 1), 128) > 1.4  # one of the three row lines: 1.7
+    # a mask keeps content off the grid lines out: a bright bar starting on line 256 is not a seam of the background
+    bar = smooth.copy()
+    bar[256:270] = 1.0  # its top edge lies on the line
+    assert metrics.seam_score(bar, 128) > 3  # unmasked: the bar edge reads as a seam (4.9)
+    background = np.ones((512, 512), dtype=bool)
+    background[240:272] = False
+    assert 0.8 < metrics.seam_score(bar, 128, background) < 1.25
     assert math.isnan(metrics.seam_score(smooth[:100, :100], 128))
+    assert math.isnan(metrics.seam_score(smooth, 128, np.zeros((512, 512), dtype=bool)))
     with pytest.raises(ValueError):
         metrics.seam_score(smooth, 1)
