@@ -294,13 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     def rounded(v: float | None, digits: int = 4) -> float | None:  # NaN (no background) -> null in the JSON
         return None if v is None or not math.isfinite(v) else float(f"{v:.{digits}g}")
 
-    native_size = (statistics.fmean(metrics.subject_size(images[("plain", 1)][i], colors[i]) for i in range(n))
-                   if ("plain", 1) in images else None)
+    subject_sizes = {key: [metrics.subject_size(imgs[i], colors[i]) for i in range(n)] for key, imgs in images.items()}
+    native_size = statistics.fmean(subject_sizes[("plain", 1)]) if ("plain", 1) in images else None
     rows, per_image = [], []
     for (method, scale), run in runs.items():
         imgs = images[(method, scale)]
         counts = [metrics.subject_count(imgs[i], colors[i]) for i in range(n)]
-        sizes = [metrics.subject_size(imgs[i], colors[i]) for i in range(n)]
+        sizes = subject_sizes[(method, scale)]
         tex = texture[(method, scale)]
         native_tex, plain_tex = texture.get(("plain", 1)), texture.get(("plain", scale))
         if ("plain", scale) in images and images[("plain", scale)].shape != imgs.shape:
@@ -323,8 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                "bg_texture_vs_data": rounded(ratio(median_tex, data_tex)) if median_tex and data_tex else None,
                "s_per_image": round(run["seconds"] / n, 2), "psnr_min_db": None, "max_error": None}
         if method == "structure guidance" and ("native from key view", scale) in runs:
-            ref = images[("native from key view", scale)]
-            ref_sizes = [metrics.subject_size(ref[i], colors[i]) for i in range(n)]
+            ref_sizes = subject_sizes[("native from key view", scale)]
             row["size_vs_native_same_noise"] = rounded(ratio(statistics.fmean(sizes), statistics.fmean(ref_sizes)))
         if run["reference"] is not None:
             fids = [metrics.fidelity(imgs[i], images[run["reference"]][i]) for i in range(n)]
@@ -422,7 +421,7 @@ DATA_TEXTURE_SAMPLES = 24
 def data_background_texture(vae, side: int) -> float:
     """Median background texture of data-set images (seed 0, from index 10000: not the training batches' order)
     rendered at ``side`` pixels and passed through the latent map: what a clean image of this world holds at
-    that size (a 1x model image holds more: the sampler's leftover grain)."""
+    that size (a 1x model image holds more: the model's own grain at its native size)."""
     import shapes_data
 
     import metrics

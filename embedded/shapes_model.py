@@ -53,7 +53,7 @@ DEFAULT_CLIP = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediat
 
 __all__ = [
     "DEFAULT_CLIP", "DEFAULT_UNET", "LATENT_BASIS", "LATENT_GAIN", "LATENT_MATRIX", "MODEL_PATH", "NATIVE_PX", "ShapesModelMissing", "build_clip",
-    "build_unet", "load_shapes_model", "make_vae", "read_config", "save_shapes_model", "unet_config",
+    "build_unet", "load_shapes_model", "make_vae", "read_config", "read_weights", "save_shapes_model", "unet_config",
 ]
 
 
@@ -217,16 +217,23 @@ def load_shapes_model(path: str | pathlib.Path | None = None) -> tuple:
     return model.clone(), clip.clone(), vae
 
 
-def _load(path: pathlib.Path) -> tuple:
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.utils
+def read_weights(path: str | pathlib.Path) -> tuple[dict, dict]:
+    """(UNet state dict, CLIP state dict) of a saved shapes model, floats as float32."""
+    from safetensors.torch import load_file
 
-    config = read_config(path)
-    sd = comfy.utils.load_torch_file(str(path), safe_load=True)
+    sd = load_file(str(path))
     unet_sd = {k[len(UNET_PREFIX):]: v.float() for k, v in sd.items() if k.startswith(UNET_PREFIX)}
     clip_sd = {k[len(CLIP_PREFIX):]: (v.float() if v.is_floating_point() else v)
                for k, v in sd.items() if k.startswith(CLIP_PREFIX)}
+    return unet_sd, clip_sd
+
+
+def _load(path: pathlib.Path) -> tuple:
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    config = read_config(path)
+    unet_sd, clip_sd = read_weights(path)
     base = build_unet(config["unet"])
     base.diffusion_model.load_state_dict(unet_sd, strict=True)
     model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())

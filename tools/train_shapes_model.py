@@ -144,12 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             if p.is_floating_point() and p.ndim > 0:
                 p.copy_(p.half().float())
     if args.init_from:  # the same seeded encoder; taken from the file so the conditionings match it exactly
-        from safetensors.torch import load_file
-
-        saved = load_file(args.init_from)
-        clip_sd = {k[len(shapes_model.CLIP_PREFIX):]: v.float() if v.is_floating_point() else v
-                   for k, v in saved.items() if k.startswith(shapes_model.CLIP_PREFIX)}
-        clip.cond_stage_model.load_state_dict(clip_sd, strict=False)
+        saved_unet, saved_clip = shapes_model.read_weights(args.init_from)
+        clip.cond_stage_model.load_state_dict(saved_clip, strict=False)
     prompts = [shapes_data.prompt_for(c, s) for c in shapes_data.COLORS for s in shapes_data.SHAPES]
     conds = {p: clip.encode_from_tokens_scheduled(clip.tokenize(p))[0][0].float() for p in prompts + [""]}
     empty = conds[""]
@@ -158,10 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     unet = base.diffusion_model
     init_unet_(unet, args.seed)
     if args.init_from:
-        from safetensors.torch import load_file
-
-        unet.load_state_dict({k[len(shapes_model.UNET_PREFIX):]: v.float() for k, v in saved.items()
-                              if k.startswith(shapes_model.UNET_PREFIX)}, strict=True)
+        unet.load_state_dict(saved_unet, strict=True)
     unet.train().requires_grad_(True)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
